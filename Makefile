@@ -1,0 +1,31 @@
+# Setup is `make quickstart` or `make test`: each builds .venv from pyproject.toml when it is
+# missing or older than pyproject.toml, then does its job.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
+
+.PHONY: quickstart test clean
+
+$(VENV)/.installed-base: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed-base
+
+quickstart: $(VENV)/.installed-base
+	$(BIN)/ratatouille run experiments/quickstart.yaml
+	$(BIN)/ratatouille report --experiment quickstart
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) ray_results mlflow.db mlartifacts
