@@ -1,0 +1,232 @@
+"""The fine-tuning engine: frozen BN, featurizer freeze, model selection, seeding, divergence, resume."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import TensorDataset
+
+from ratatouille.models import build_classifier, featurizer_state, head_state
+from ratatouille.train import (
+    FineTuneConfig,
+    TrainingDiverged,
+    evaluate_accuracy,
+    fine_tune,
+    predict_logits,
+)
+
+ARCH = "test_resnet"
+NUM_CLASSES = 4
+
+torch.set_num_threads(1)
+
+
+def _domain(seed: int, n: int, shift: float) -> TensorDataset:
+    """Images whose first two channels encode the class (learnable in a few steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    x = torch.randn(n, 3, 16, 16, generator=gen) * 0.5
+    x[:, 0] += (y.float() - 1.5)[:, None, None] + shift
+    x[:, 1] += ((y % 2).float() - 0.5)[:, None, None]
+    return TensorDataset(x, y)
+
+
+TRAIN = [_domain(i, 48, 0.2 * i) for i in range(3)]
+ID_VAL = [_domain(10 + i, 16, 0.2 * i) for i in range(3)]
+
+
+def _cfg(**overrides) -> FineTuneConfig:
+    values = dict(steps=6, checkpoint_freq=2, lr=1e-2, weight_decay=0.0, batch_size=8)
+    values.update(overrides)
+    return FineTuneConfig(**values)
+
+
+def _model(seed: int = 0, dropout: float = 0.0):
+    return build_classifier(ARCH, NUM_CLASSES, dropout=dropout, seed=seed)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _recorder() -> tuple[dict[int, dict], Callable]:
+    snapshots: dict[int, dict] = {}
+
+    def on_checkpoint(step, metrics, snapshot):
+        snapshots[step] = snapshot()
+
+    return snapshots, on_checkpoint
+
+
+def test_bn_running_stats_unchanged_and_bn_affine_trained() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() aliases
+    result = fine_tune(model, TRAIN, ID_VAL, _cfg())
+    after = result.final_state
+    buffers = [k for k in before if "running_" in k or "num_batches_tracked" in k]
+    affine = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, _BatchNorm)
+              for p in ("weight", "bias")]
+    assert buffers and all(torch.equal(before[k], after[k]) for k in buffers)
+    assert any(not torch.equal(before[k], after[k]) for k in affine)
+
+
+def test_featurizer_frozen_during_lp_steps_then_trained() -> None:
+    model = _model()
+    phi_init = {k: v.clone() for k, v in featurizer_state(model).items()}
+    w_init = {k: v.clone() for k, v in head_state(model).items()}
+    snapshots, record = _recorder()
+    fine_tune(model, TRAIN, ID_VAL, _cfg(steps=6, checkpoint_freq=1, lp_steps=3),
+              on_checkpoint=record)
+    for step in (0, 1, 2):  # the first lp_steps updates touch only the head
+        assert _equal(featurizer_state(snapshots[step]["model"]), phi_init)
+        assert not _equal(head_state(snapshots[step]["model"]), w_init)
+    moved = featurizer_state(snapshots[3]["model"])
+    assert any(not torch.equal(moved[k], phi_init[k]) for k in moved if "running" not in k)
+    assert all(p.requires_grad for p in model.parameters())  # the freeze is undone afterwards
+
+
+def test_optimizer_is_fresh_after_the_freeze_window() -> None:
+    model = _model()
+    n_head, n_all = len(list(model.head.parameters())), len(list(model.parameters()))
+    snapshots, record = _recorder()
+    fine_tune(model, TRAIN, ID_VAL, _cfg(steps=6, checkpoint_freq=1, lp_steps=3),
+              on_checkpoint=record)
+    head_only = snapshots[2]["optimizer"]["state"]
+    assert len(head_only) == n_head
+    assert all(float(s["step"]) == 3.0 for s in head_only.values())
+    fresh = snapshots[3]["optimizer"]["state"]
+    assert len(fresh) == n_all
+    assert all(float(s["step"]) == 1.0 for s in fresh.values())  # Adam state reset at step 3
+
+
+def test_best_weights_are_those_of_the_best_logged_checkpoint() -> None:
+    snapshots, record = _recorder()
+    model = _model()
+    result = fine_tune(model, TRAIN, ID_VAL, _cfg(steps=12, checkpoint_freq=1, seed=1),
+                       on_checkpoint=record)
+    accs = [h["id_val_acc"] for h in result.history]
+    first_max = int(np.argmax(accs))  # np.argmax returns the FIRST maximum: strict >
+    assert accs[first_max] > accs[-1], "scenario needs an ID-val curve that goes up then down"
+    assert result.best_step == result.history[first_max]["step"]
+    assert result.best_id_val_acc == accs[first_max]
+    assert _equal(result.best_state, snapshots[result.best_step]["model"])
+    model.load_state_dict(result.best_state)
+    assert evaluate_accuracy(model, ID_VAL, batch_size=7) == pytest.approx(result.best_id_val_acc)
+    assert not _equal(result.best_state, result.final_state)
+
+
+def test_ties_keep_the_earliest_checkpoint() -> None:
+    # label -1 is never predicted: ID-val accuracy is 0 at every checkpoint
+    unreachable = [TensorDataset(torch.randn(5, 3, 16, 16), torch.full((5,), -1))]
+    snapshots, record = _recorder()
+    result = fine_tune(_model(), TRAIN, unreachable, _cfg(steps=5, checkpoint_freq=2),
+                       on_checkpoint=record)
+    assert [h["step"] for h in result.history] == [0, 2, 4]
+    assert [h["id_val_acc"] for h in result.history] == [0.0, 0.0, 0.0]
+    assert result.best_step == 0
+    assert _equal(result.best_state, snapshots[0]["model"])
+
+
+def test_checkpoints_every_freq_steps_and_at_the_last_step() -> None:
+    result = fine_tune(_model(), TRAIN, ID_VAL, _cfg(steps=8, checkpoint_freq=3))
+    assert [h["step"] for h in result.history] == [0, 3, 6, 7]
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    def run(seed: int) -> dict:
+        return fine_tune(_model(dropout=0.5), TRAIN, ID_VAL, _cfg(steps=4, seed=seed)).final_state
+
+    first, again, other = run(0), run(0), run(1)
+    assert _equal(first, again)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_huge_learning_rate_raises_training_diverged_with_the_step() -> None:
+    with pytest.raises(TrainingDiverged, match="learning rate") as info:
+        fine_tune(_model(), TRAIN, ID_VAL, _cfg(steps=20, lr=1e8))
+    step = info.value.step
+    assert isinstance(step, int) and 1 <= step < 20 and f"step {step}" in str(info.value)
+    # every step before it is finite: the same run stopped just before `step` completes
+    fine_tune(_model(), TRAIN, ID_VAL, _cfg(steps=step, lr=1e8))
+    shipped = pickle.loads(pickle.dumps(info.value))  # as Ray sends it back from a worker
+    assert isinstance(shipped, TrainingDiverged) and shipped.step == step
+
+
+def _roundtrip(snapshot: dict) -> dict:
+    buffer = io.BytesIO()  # what the Ray layer does: torch.save into a Tune checkpoint
+    torch.save(snapshot, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_resume_from_mid_run_snapshots_gives_bit_identical_weights() -> None:
+    cfg = _cfg(steps=10, checkpoint_freq=3, lp_steps=4, moving_average=True, ma_start=2, seed=5)
+    snapshots, record = _recorder()
+    full = fine_tune(_model(dropout=0.5), TRAIN, ID_VAL, cfg, on_checkpoint=record)
+    # step 3: resuming crosses the freeze boundary; step 6: resumes Adam's state mid-phase
+    for step in (3, 6):
+        torch.manual_seed(123)  # a different global RNG state must not matter
+        resumed = fine_tune(_model(seed=9, dropout=0.5), TRAIN, ID_VAL, cfg,
+                            resume=_roundtrip(snapshots[step]))
+        assert _equal(resumed.final_state, full.final_state)
+        assert _equal(resumed.average_state, full.average_state)
+        assert _equal(resumed.best_state, full.best_state)
+        assert resumed.history == full.history and resumed.best_step == full.best_step
+
+
+def test_resume_with_another_config_is_refused() -> None:
+    snapshots, record = _recorder()
+    fine_tune(_model(), TRAIN, ID_VAL, _cfg(steps=3), on_checkpoint=record)
+    with pytest.raises(ValueError, match="lr"):
+        fine_tune(_model(), TRAIN, ID_VAL, _cfg(steps=3, lr=1e-3), resume=snapshots[0])
+
+
+def test_moving_average_is_the_mean_of_the_weights_from_ma_start() -> None:
+    snapshots, record = _recorder()
+    cfg = _cfg(steps=5, checkpoint_freq=1, moving_average=True, ma_start=2)
+    result = fine_tune(_model(), TRAIN, ID_VAL, cfg, on_checkpoint=record)
+    states = [snapshots[s]["model"] for s in (2, 3, 4)]
+    for key, value in result.average_state.items():
+        if value.is_floating_point():
+            expected = torch.stack([s[key] for s in states]).mean(0)
+            assert torch.allclose(value, expected, atol=1e-6), key
+    assert result.average_state.keys() == result.final_state.keys()
+
+
+def test_predict_logits_and_accuracy_match_a_direct_forward() -> None:
+    model = _model().eval()
+    logits, labels = predict_logits(model, ID_VAL[0], batch_size=5)
+    x, y = ID_VAL[0].tensors
+    with torch.no_grad():
+        direct = model(x)
+    assert np.allclose(logits, direct.numpy(), atol=1e-5) and np.array_equal(labels, y.numpy())
+    per_domain = []
+    for dataset in ID_VAL:
+        with torch.no_grad():
+            out = model(dataset.tensors[0])
+        per_domain.append((out.argmax(1) == dataset.tensors[1]).float().mean().item())
+    assert evaluate_accuracy(model, ID_VAL) == pytest.approx(sum(per_domain) / 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(lr=0.0), "lr > 0"),
+        (dict(lp_steps=-1), "lp_steps"),
+    ],
+)
+def test_bad_config_raises_value_error(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _cfg(**overrides)
+
+
+def test_moving_average_starting_after_the_run_is_refused() -> None:
+    with pytest.raises(ValueError, match="ma_start"):
+        fine_tune(_model(), TRAIN, ID_VAL, _cfg(steps=3, moving_average=True, ma_start=3))
