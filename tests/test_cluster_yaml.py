@@ -1,0 +1,173 @@
+"""cluster.yaml: valid for Ray's own cluster-launcher schema, and wired the way the product needs."""
+
+from __future__ import annotations
+
+import copy
+import re
+import os
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+REMOTE_ROOT = "~/ratatouille"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def home(path: str) -> str:
+    """Spell $HOME/x and /home/ubuntu/x as ~/x, as a shell on the nodes would resolve them."""
+    return re.sub(r"^(\$HOME|\$\{HOME\}|/home/ubuntu)(?=/|$)", "~", path)
+
+
+def head_commands(cfg: dict) -> list[str]:
+    return cfg.get("head_setup_commands", []) + cfg.get("head_start_ray_commands", [])
+
+
+def env_exports(cfg: dict) -> dict[str, str]:
+    """``export NAME=value`` lines the setup commands write into the nodes' shell environment."""
+    text = "\n".join(cfg["setup_commands"] + cfg.get("head_setup_commands", []))
+    return dict(re.findall(r"export ([A-Z_]+)=([^'\"\s]+)", text))
+
+
+def worker_types(cfg: dict) -> dict[str, dict]:
+    return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+
+
+def test_cluster_yaml_passes_rays_schema_offline(cluster):
+    had_boto3 = "boto3" in sys.modules
+    prepared = prepare_config(copy.deepcopy(cluster))
+    validate_config(prepared)
+    if not had_boto3:  # preparing and validating needs no AWS client, so no credentials
+        assert "boto3" not in sys.modules
+    # the same validation does reject a broken config, so passing it means something
+    broken = copy.deepcopy(prepared)
+    broken["available_node_types"]["head"]["resources"]["CPU"] = -1
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(broken)
+
+
+def test_file_mounts_sync_the_installable_package_and_the_configs(cluster, pyproject):
+    mounts = {home(remote): local for remote, local in cluster["file_mounts"].items()}
+    for remote, local in mounts.items():  # `ray up` runs from the repo root and asserts these exist
+        assert (REPO / local).exists(), f"file_mounts {remote}: {local} is missing"
+    assert (REPO / mounts[f"{REMOTE_ROOT}/ratatouille"] / "__init__.py").is_file()
+    assert (REPO / mounts[f"{REMOTE_ROOT}/pyproject.toml"]).resolve() == REPO / "pyproject.toml"
+    readme = pyproject["project"]["readme"]  # setuptools refuses to build without it
+    assert (REPO / mounts[f"{REMOTE_ROOT}/{readme}"]).resolve() == REPO / readme
+    # `ray submit` runs from the head's home: experiments/... must resolve there
+    assert (REPO / mounts["~/experiments"]).resolve() == REPO / "experiments"
+
+
+def test_setup_commands_install_the_package_from_the_mount(cluster, pyproject):
+    installs = [shlex.split(c) for c in cluster["setup_commands"] if "pip install" in c]
+    assert len(installs) == 1
+    args = installs[0]
+    target = args[args.index("-e") + 1]
+    root, extra = re.fullmatch(r"(.+)\[(\w+)\]", target).groups()
+    assert home(root) == REMOTE_ROOT
+    assert extra in pyproject["project"]["optional-dependencies"]
+    assert any(dep.startswith("boto3") for dep in pyproject["project"]["optional-dependencies"][extra])
+    # installed into the venv that every node's shell (and so `ray start`) activates
+    python = args[args.index("--python") + 1]
+    venv = home(python).removesuffix("/bin/python")
+    assert any(f'{venv.replace("~", "$HOME")}/bin/activate' in c for c in cluster["setup_commands"])
+
+
+def test_head_runs_mlflow_server_with_database_backend_and_s3_artifacts(cluster):
+    (command,) = [c for c in head_commands(cluster) if "mlflow server" in c]
+    args = shlex.split(command)
+    options = dict(zip(args, args[1:]))
+    assert re.match(r"(sqlite|postgresql|mysql)[a-z+]*://", options["--backend-store-uri"])
+    assert options["--artifacts-destination"].startswith("s3://")
+    assert options["--host"] == "0.0.0.0"
+    assert command.rstrip(")").rstrip().endswith("&")  # in the background: `ray up` must not block
+    assert env_exports(cluster)["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{options['--port']}"
+    # only the head gets the tracking URI: the driver is MLflow's single writer
+    assert "MLFLOW_TRACKING_URI" not in " ".join(cluster["setup_commands"])
+
+
+def test_workers_have_gpus_and_scale_from_zero_while_the_head_has_none(cluster):
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head.get("resources", {}).get("GPU", 0) == 0
+    assert not re.match(r"(g|p)\d", head["node_config"]["InstanceType"])
+    workers = worker_types(cluster)
+    assert workers
+    for name, worker in workers.items():
+        assert worker["resources"]["GPU"] >= 1, name
+        assert re.match(r"(g|p)\d", worker["node_config"]["InstanceType"]), name  # EC2 GPU families
+        assert worker["min_workers"] == 0 < worker["max_workers"] <= cluster["max_workers"], name
+        # Tune checkpoints go to S3 from the workers: they need an instance profile
+        assert worker["node_config"]["IamInstanceProfile"], name
+
+
+def test_ray_starts_with_the_launchers_standard_commands(cluster):
+    head_start = " ".join(cluster["head_start_ray_commands"])
+    assert cluster["head_start_ray_commands"][0] == "ray stop"
+    assert "ray start --head --port=6379" in head_start
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    assert cluster["worker_start_ray_commands"][0] == "ray stop"
+    assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(cluster["worker_start_ray_commands"])
+    assert env_exports(cluster)["AWS_DEFAULT_REGION"] == cluster["provider"]["region"]
+
+
+def test_cluster_experiment_configs_point_at_this_cluster(cluster):
+    exports = env_exports(cluster)
+    bucket = exports["RATATOUILLE_BUCKET"]
+    assert "s3://$RATATOUILLE_BUCKET/mlflow" in " ".join(head_commands(cluster))
+    synced = [c for c in cluster["worker_setup_commands"] if "aws s3 sync" in c]
+    assert synced, "workers must fetch the datasets"
+    data_dir = shlex.split(synced[0])[4]
+    configs = sorted((REPO / "experiments").rglob("*.yaml"))
+    on_cluster = [
+        (path, cfg) for path in configs
+        if str(((cfg := yaml.safe_load(path.read_text())).get("tracking") or {}).get("storage_path", "")
+               ).startswith("s3://")
+    ]
+    assert on_cluster, "no experiment config targets the cluster (tracking.storage_path: s3://...)"
+    for path, cfg in on_cluster:
+        tracking = cfg["tracking"]
+        assert tracking["storage_path"].split("/")[2] == bucket, path
+        assert tracking["mlflow_uri"] == exports["MLFLOW_TRACKING_URI"], path
+        assert cfg["data"]["root"] == data_dir, path
+        assert home(tracking["pool_path"]) in " ".join(cluster["head_setup_commands"]), path
+
+
+COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands",
+                 "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+
+
+def test_every_command_is_valid_bash(cluster):
+    commands = [c for key in COMMAND_LISTS for c in cluster.get(key, [])]
+    assert len(commands) > 5
+    for command in commands:
+        result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert result.returncode == 0, f"{command!r}: {result.stderr}"
+
+
+def test_environment_file_is_sourced_once_by_bashrc_and_exports_the_bucket(cluster, tmp_path):
+    (tmp_path / ".bashrc").write_text("# distro bashrc\n")
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    for _ in range(2):  # `ray up` reruns setup on every update: no duplicate lines
+        subprocess.run(["bash", "-c", cluster["setup_commands"][0]], env=env, check=True)
+    assert (tmp_path / ".bashrc").read_text().count(".ratatouille_env") == 1
+    shown = subprocess.run(
+        ["bash", "-c", ". ~/.bashrc; echo $RATATOUILLE_BUCKET $AWS_DEFAULT_REGION"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert shown == [env_exports(cluster)["RATATOUILLE_BUCKET"], cluster["provider"]["region"]]
