@@ -58,10 +58,16 @@ def storage_root(config: ExperimentConfig) -> str:
 
 # -- inside a trial ---------------------------------------------------------------------------
 class TuneReporter:
-    """Bridges `stages.Reporter` to `tune.report` and Tune checkpoints."""
+    """Bridges `stages.Reporter` to `tune.report` and Tune checkpoints; every report also says
+    where the trial runs (node, GPU ids), so users can see the placement in MLflow."""
+
+    def __init__(self) -> None:
+        self.placement = {"node_id": ray.get_runtime_context().get_node_id(),
+                          "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
 
     def report(self, metrics: Mapping[str, Any], *, weights: Mapping[str, StateDict] | None = None,
                train_state: Mapping[str, Any] | None = None) -> None:
+        metrics = {**metrics, **self.placement}
         if not weights and train_state is None:
             tune.report(dict(metrics))
             return
@@ -114,11 +120,23 @@ def trial_name(spec: Mapping[str, Any]) -> str:
     return "_".join(str(p).replace(" ", "-") for p in parts if p is not None)
 
 
+_LIVE_TRACKERS: dict[str, Tracker] = {}
+
+
 class MlflowTrialCallback(tune.Callback):
-    """One MLflow child run per trial, written from the driver (one writer)."""
+    """One MLflow child run per trial, written from the driver (one writer).
+
+    `Tuner.restore` brings back the callbacks pickled with the first run; this one therefore keeps
+    only the parent run id and writes through the tracker of the current process.
+    """
 
     def __init__(self, tracker: Tracker):
-        self.tracker = tracker
+        self.parent_id = tracker.parent_id
+        _LIVE_TRACKERS[self.parent_id] = tracker
+
+    @property
+    def tracker(self) -> Tracker:
+        return _LIVE_TRACKERS[self.parent_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
         spec = trial.config["spec"]
@@ -129,6 +147,9 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.tracker.trial_finished(trial_key(trial.config["spec"]), metrics=trial.last_result)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.tracker.trial_restarted(trial_key(trial.config["spec"]))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.trial_finished(trial_key(trial.config["spec"]), failed=True)
@@ -144,6 +165,9 @@ class StageRunner:
     resume: bool = False
     restore_only: bool = False
     fault: dict[str, Any] | None = None  # fault injection for the resilience tests
+
+    def __post_init__(self) -> None:
+        _LIVE_TRACKERS[self.tracker.parent_id] = self.tracker
 
     def _resources(self) -> dict[str, float]:
         res = self.config.resources

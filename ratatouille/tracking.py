@@ -116,13 +116,24 @@ class Tracker:
             if isinstance(metrics.get(key), (int, float)):
                 self.client.log_metric(run_id, key, float(metrics[key]), step=int(metrics["step"]))
 
+    def trial_restarted(self, trial_key: str) -> None:
+        """Count restarts from checkpoints (FailureConfig) on the trial's run."""
+        run_id = self._trial_runs.get(trial_key)
+        if run_id is not None:
+            tags = self.client.get_run(run_id).data.tags
+            self.client.set_tag(run_id, "ray.restarts", int(tags.get("ray.restarts", 0)) + 1)
+
     def trial_finished(self, trial_key: str, failed: bool = False,
                        metrics: Mapping[str, Any] | None = None) -> None:
         run_id = self._trial_runs.get(trial_key)
         if run_id is not None:
+            metrics = metrics or {}
             for key in ("final_id_val_acc", "best_id_val_acc", "best_step", "ma_id_val_acc"):
-                if isinstance((metrics or {}).get(key), (int, float)):
+                if isinstance(metrics.get(key), (int, float)):
                     self.client.log_metric(run_id, key, float(metrics[key]))
+            for key in ("node_id", "gpu_ids"):
+                if key in metrics:
+                    self.client.set_tag(run_id, f"ray.{key}", str(metrics[key]))
             self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
     # -- reducer ------------------------------------------------------------------------

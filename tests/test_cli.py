@@ -1,0 +1,109 @@
+"""The command line: exit codes, overrides, plan arithmetic, pool commands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pathlib import Path
+
+from ratatouille.cli import main
+from ratatouille.models import create_featurizer
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _plan_rows(out):
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("pretrain", "aux", "probe", "target"):
+            rows[parts[0]] = (int(parts[1]), int(parts[2].replace(",", "")))
+    return rows
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: {dataset: digits}\ntarget: {n_runs: -1}\n")
+    code, _, err = _run(capsys, "run", str(path))
+    assert code == 2
+    assert "target.n_runs" in err and "greater than 0" in err
+    assert "Traceback" not in err
+
+
+def test_plan_counts_trials_and_steps_of_the_quickstart(capsys):
+    code, out, _ = _run(capsys, "plan", str(EXPERIMENTS / "quickstart.yaml"))
+    assert code == 0
+    # 1 T0 pre-training, 3 auxiliary tasks, 1 probe, 3 arms x 8 runs on one test domain.
+    assert _plan_rows(out) == {"pretrain": (1, 800), "aux": (3, 900), "probe": (1, 300),
+                               "target": (24, 24 * 400)}
+    assert "GPU-hours" in out
+
+
+def test_plan_of_a_domainbed_config_follows_table_1_protocol(capsys):
+    code, out, _ = _run(capsys, "plan", str(EXPERIMENTS / "domainbed" / "pacs.yaml"))
+    assert code == 0
+    # 4 test domains x 3 data splits = 12 cells; 3 arms x 20 runs of 5001 steps per cell.
+    rows = _plan_rows(out)
+    assert rows["probe"] == (12, 12 * 5001)
+    assert rows["target"] == (12 * 60, 12 * 60 * 5001)
+    assert rows["aux"] == (4, 4 * 5001)  # VLCS, OfficeHome, TerraIncognita, DomainNet
+
+
+def test_overrides_for_quick_tries(capsys):
+    code, out, err = _run(capsys, "plan", str(EXPERIMENTS / "domainbed" / "pacs.yaml"), "--steps", "10",
+                          "--n-runs", "2", "--test-env", "sketch", "--test-env", "0")
+    assert code == 0
+    rows = _plan_rows(out)
+    assert rows["target"] == (2 * 3 * 3 * 2, 2 * 3 * 3 * 2 * 10)  # 2 domains x 3 splits x 3 arms x 2
+    assert "featurizer freeze shortened" in err
+
+
+def test_unknown_test_env_is_a_clear_error(capsys):
+    code, _, err = _run(capsys, "plan", str(EXPERIMENTS / "quickstart.yaml"), "--test-env", "sketch")
+    assert code == 2 and "sketch" in err and "rot30" in err
+
+
+def test_pool_commands_import_list_verify(tmp_path, capsys):
+    weights = tmp_path / "phi.safetensors"
+    save_file(create_featurizer("test_resnet").state_dict(), str(weights))
+    pool = str(tmp_path / "pool")
+    code, out, _ = _run(capsys, "pool", "import", str(weights), "--pool", pool, "--name", "mine",
+                        "--arch", "test_resnet")
+    assert code == 0
+    code, out, _ = _run(capsys, "pool", "list", "--pool", pool)
+    assert code == 0 and "mine" in out and "test_resnet" in out
+    code, _, _ = _run(capsys, "pool", "verify", "--pool", pool)
+    assert code == 0
+    (tmp_path / "pool" / "mine.safetensors").write_bytes(b"tampered")
+    code, out, err = _run(capsys, "pool", "verify", "--pool", pool)
+    assert code == 1 and "mine" in out + err
+
+
+def test_pickle_import_refused_without_trust(tmp_path, capsys):
+    weights = tmp_path / "phi.pt"
+    torch.save(create_featurizer("test_resnet").state_dict(), weights)
+    code, _, err = _run(capsys, "pool", "import", str(weights), "--pool", str(tmp_path / "p"),
+                        "--name", "x", "--arch", "test_resnet")
+    assert code == 2 and "--trust-pickle" in err
+
+
+def test_report_without_any_run_says_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "report")
+    assert code == 2 and "ratatouille run" in err
+
+
+@pytest.mark.parametrize("config", [str(EXPERIMENTS / "quickstart.yaml"), str(EXPERIMENTS / "domainbed" / "pacs.yaml"),
+                                    str(EXPERIMENTS / "domainbed" / "vlcs.yaml"), str(EXPERIMENTS / "domainbed" / "office_home.yaml"),
+                                    str(EXPERIMENTS / "domainbed" / "terra_incognita.yaml"),
+                                    str(EXPERIMENTS / "domainbed" / "domain_net.yaml")])
+def test_shipped_configs_are_valid(config, capsys):
+    assert _run(capsys, "plan", config)[0] == 0

@@ -1,0 +1,34 @@
+"""The same sweep on a real two-node Ray cluster (ray.cluster_utils) with shared storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def test_sweep_on_two_nodes_places_gpu_trials_on_the_gpu_worker(tmp_path):
+    # Its own process: this session's Ray is already initialised for the other tests.
+    script = Path(__file__).with_name("two_node_sweep.py")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    stages = Counter(stage for stage, _, _ in summary["placements"])
+    assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 4}
+    for stage, node, gpus in summary["placements"]:
+        assert node == summary["worker_node"], f"{stage} trial ran on {node}"
+        assert gpus == "0"  # the worker's only GPU, shared by two half-GPU trials
+    assert summary["worker_node"] != summary["head_node"]
+    checkpoints = list(Path(summary["storage"]).glob("two-nodes/run-*/target/*/checkpoint_*"))
+    assert len(checkpoints) == 4  # one best checkpoint per target trial, in the shared folder
+    assert "ratatouille_uniform" in summary["table"]

@@ -1,0 +1,132 @@
+"""End to end on the session's local Ray: a tiny sweep, its MLflow structure, pool, reducer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from mlflow import MlflowClient
+
+from ratatouille.pipeline import pool_path, run_pipeline
+from ratatouille.pool import Pool
+from ratatouille.reporting import reduce_latest
+from ratatouille.sweep import FUSING, PRETRAINED, aux_entry_name
+from tiny import tiny_config
+
+pytestmark = pytest.mark.ray
+
+STRATEGIES = ("erm", "inter_training", "fusing", "ensemble_soups", "ensemble_ratatouille",
+              "soup_uniform", "soup_greedy", "ratatouille_uniform", "ratatouille_greedy", "wise_ft")
+TARGET_STEPS = (0, 3, 6, 9, 11)  # every checkpoint_freq=3 steps of 12, and the last one
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    config = tiny_config(root)
+    outcome = run_pipeline(config)
+    client = MlflowClient(config.tracking.mlflow_uri)
+    return config, outcome, client
+
+
+def _children(client, outcome, role):
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id],
+                              f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'",
+                              max_results=1000)
+    return [run for run in runs if run.data.tags.get("ratatouille.role") == role]
+
+
+def _history(client, run, key="id_val_acc"):
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_every_trial_has_a_child_run_with_params_and_checkpoint_metrics(sweep):
+    config, outcome, client = sweep
+    trials = _children(client, outcome, "trial")
+    stages = Counter(run.data.tags["stage"] for run in trials)
+    assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 9}
+    for run in (r for r in trials if r.data.tags["stage"] == "target"):
+        params = run.data.params
+        for key in ("arm", "init_source", "lr", "weight_decay", "dropout", "batch_size", "seed"):
+            assert key in params, key
+        assert float(params["lr"]) in (1e-4, 3e-4)
+        assert _history(client, run) == list(TARGET_STEPS)
+        assert run.info.status == "FINISHED"
+        best = max(m.value for m in client.get_metric_history(run.info.run_id, "id_val_acc"))
+        assert run.data.metrics["best_id_val_acc"] == pytest.approx(best)
+
+
+def test_init_sources_are_balanced_and_recorded(sweep):
+    config, outcome, client = sweep
+    target = [r for r in _children(client, outcome, "trial") if r.data.tags["stage"] == "target"]
+    by_arm = {arm: [r.data.params for r in target if r.data.params["arm"] == arm]
+              for arm in ("soups", "ratatouille", "fusing")}
+    assert {p["init_source"] for p in by_arm["soups"]} == {PRETRAINED}
+    aux_names = {aux_entry_name(config, task, 0) for task in config.aux.tasks}
+    # 3 runs over 3 sources (phi_pt + 2 auxiliary tasks): each source exactly once.
+    assert sorted(p["init_source"] for p in by_arm["ratatouille"]) == sorted({PRETRAINED} | aux_names)
+    for params in by_arm["fusing"]:
+        assert params["init_source"] == FUSING
+        lambdas = [float(v) for k, v in params.items() if k.startswith("fusing_lambda/")]
+        assert len(lambdas) == 3 and sum(lambdas) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_pool_holds_the_auxiliary_featurizers_with_their_manifest(sweep):
+    config, _, _ = sweep
+    pool = Pool(pool_path(config))
+    entries = {entry.name: entry for entry in pool.entries()}
+    assert set(entries) == {aux_entry_name(config, task, 0) for task in config.aux.tasks}
+    for task in config.aux.tasks:
+        entry = entries[aux_entry_name(config, task, 0)]
+        assert (entry.source_task, entry.arch, entry.robust) == (task, "test_resnet", False)
+        assert 0.0 <= entry.id_val_acc <= 1.0
+    assert all(problem is None for _, problem in pool.verify())
+
+
+def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
+    config, outcome, client = sweep
+    (reducer,) = _children(client, outcome, "reducer")
+    metrics = reducer.data.metrics
+    for strategy in STRATEGIES:
+        assert 0.0 <= metrics[f"ood_acc/{strategy}"] <= 1.0
+        assert 0.0 <= metrics[f"id_val_acc/{strategy}"] <= 1.0
+    for arm in ("soups", "ratatouille", "fusing"):
+        assert f"q_diversity/{arm}" in metrics and f"ratio_error/{arm}" in metrics
+    artifacts = {a.path for a in client.list_artifacts(reducer.info.run_id)}
+    assert {"comparison.csv", "comparison.json", "report.md", "figures"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(reducer.info.run_id, "figures")}
+    assert len(figures) >= 4 and all(path.endswith(".png") for path in figures)
+    versions = client.search_model_versions("name = 'tiny-ratatouille'")
+    assert versions and versions[0].run_id == reducer.info.run_id
+    for strategy in STRATEGIES:
+        assert strategy in outcome.table_markdown
+
+
+def test_reduce_again_updates_the_same_reducer_run(sweep):
+    config, outcome, client = sweep
+    (before,) = _children(client, outcome, "reducer")
+    again = reduce_latest("tiny", config.tracking.mlflow_uri)
+    assert again.parent_run_id == outcome.parent_run_id
+    (after,) = _children(client, outcome, "reducer")
+    assert after.info.run_id == before.info.run_id
+    for strategy in STRATEGIES:  # same weights, same data: the same numbers
+        key = f"ood_acc/{strategy}"
+        assert after.data.metrics[key] == pytest.approx(before.data.metrics[key])
+    assert len(_children(client, outcome, "trial")) == 13  # restoring trained nothing
+
+
+def test_second_experiment_reuses_pretrained_and_pool(sweep):
+    config, _, client = sweep
+    pool = Pool(pool_path(config))
+    created = {entry.name: entry.created for entry in pool.entries()}
+    other = tiny_config(pool_path(config).parent.parent, name="tiny-reuse",
+                        target={"arms": ["ratatouille"], "n_runs": 3})
+    outcome = run_pipeline(other)
+    experiment = client.get_experiment_by_name("tiny-reuse")
+    runs = client.search_runs([experiment.experiment_id],
+                              f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    stages = Counter(run.data.tags.get("stage") for run in runs
+                     if run.data.tags.get("ratatouille.role") == "trial")
+    assert stages == {"probe": 1, "target": 3}  # no pretrain, no auxiliary training again
+    assert {entry.name: entry.created for entry in pool.entries()} == created
