@@ -15,6 +15,8 @@ writes them all as PNG.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,20 +52,29 @@ def _color(arm: str) -> str:
     return ARM_COLORS.get(arm, "tab:gray")
 
 
+_POOL_SUFFIX = re.compile(r"-[A-Za-z0-9_.]+-r\d+-[0-9a-f]{8}")
+
+
+def short_label(text: str) -> str:
+    """Pool entry names without their arch/run/hash suffix, so legends fit beside the axes."""
+    return _POOL_SUFFIX.sub("", text)
+
+
 def plot_curves(curves: Mapping[str, CurveResult], title: str = "") -> Figure:
     """One panel per curve: accuracy along lambda (solid) and Eq. (1)'s right side (dashed)."""
     fig, axes = _figure(4.5, 3.6, max(1, len(curves)))
     if not curves:
         return _empty(fig, axes[0], "no interpolation curve in this sweep")
     for ax, (name, curve) in zip(axes, curves.items()):
-        ax.plot(curve.lambdas, curve.accuracies, "o-", color="tab:orange", label=curve.label)
+        ax.plot(curve.lambdas, curve.accuracies, "o-", color="tab:orange",
+                label=short_label(curve.label))
         ax.plot(curve.lambdas, curve.linear, "--", color="gray",
                 label="linear interpolation of accuracies")
         verdict = "holds" if curve.lmc_holds else f"breaks (gap {curve.worst_gap:+.3f})"
         ax.set_title(f"{CURVE_TITLES.get(name, name)}\nLMC {verdict}", fontsize=9)
         ax.set_xlabel("lambda")
         ax.set_ylabel("OOD test accuracy")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     if title:
         fig.suptitle(title)
     return fig

@@ -211,7 +211,10 @@ class StageRunner:
         else:
             tuner = self._new_tuner(stage, specs, trainable)
         grid = tuner.get_results() if self.restore_only else tuner.fit()
-        return self._outcomes(stage, grid, expected=len(specs))
+        outcomes = self._outcomes(stage, grid, expected=len(specs))
+        # Tune's result order differs between fit and restore; the reducer breaks ties by order.
+        order = {trial_key(spec): index for index, spec in enumerate(specs)}
+        return sorted(outcomes, key=lambda o: order.get(trial_key(o.spec), len(order)))
 
     def _outcomes(self, stage: str, grid, expected: int) -> list[TrialOutcome]:
         failed = [r for r in grid if r.error is not None or not (r.metrics or {}).get("done")]
