@@ -108,7 +108,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pool(args: argparse.Namespace) -> int:
-    from ratatouille import pool
+    from ratatouille import pool_cli as pool
     if args.pool_command == "list":
         return pool.cli_list(args.pool)
     if args.pool_command == "verify":
@@ -124,10 +124,12 @@ COMMANDS = {"run": _cmd_run, "plan": _cmd_plan, "reduce": _cmd_reduce, "report":
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean 'bad input': one message, exit code 2, no traceback."""
     from ratatouille.data import DataError
+    from ratatouille.models import PretrainedWeightsUnavailable
     from ratatouille.pipeline import PipelineError
     from ratatouille.pool import PoolError
     from ratatouille.tracking import TrackingError
-    return (ConfigError, DataError, PipelineError, PoolError, TrackingError)
+    return (ConfigError, DataError, PipelineError, PoolError, TrackingError,
+            PretrainedWeightsUnavailable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,18 +13,18 @@ from typing import Any
 
 from ratatouille.config import ExperimentConfig
 from ratatouille.data import DOMAINBED_DATASETS, get_dataset, resolve_test_env
+from ratatouille.models import create_featurizer
 from ratatouille.pool import Pool
 from ratatouille.search import (
     SweepIncomplete,
     StageRunner,
     TrialOutcome,
     connect_ray,
-    context_for,
     new_run_dir,
     read_weights,
     storage_root,
 )
-from ratatouille.stages import StateDict
+from ratatouille.stages import StateDict, context_for
 from ratatouille.sweep import (
     PRETRAINED,
     Cell,
@@ -90,13 +90,12 @@ class _NamesOnly:
 
 
 def _pretrained(config: ExperimentConfig, runner: StageRunner) -> dict[str, StateDict]:
-    """phi_pt: ours from the pretrain stage (kept in a pool beside the auxiliary pool), a local
-    file, or nothing (the trials fetch timm's hub weights themselves)."""
-    if config.model.init == "hub":
-        return {}
-    if config.model.init == "file":
-        from ratatouille.models import create_featurizer
-        return {PRETRAINED: create_featurizer(config.model.arch, config.model.weights_file).state_dict()}
+    """phi_pt: timm's hub or a local file, read once here and shipped to every trial, or ours
+    from the pretrain stage (kept in a pool beside the auxiliary pool)."""
+    if config.model.init != "pretrain":
+        featurizer = create_featurizer(config.model.arch, config.model.weights_file,
+                                       pretrained_hub=config.model.init == "hub")
+        return {PRETRAINED: featurizer.state_dict()}
     store = Pool(pool_path(config).parent / "pretrained")
     name = pretrained_identity(config)
     if name not in store:
@@ -142,7 +141,7 @@ def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
         _fill_pool(config, runner, pool, featurizers)
     featurizers.update(_sources(config, pool))
     cells = experiment_cells(config)
-    base = {PRETRAINED: featurizers[PRETRAINED]} if PRETRAINED in featurizers else {}
+    base = {PRETRAINED: featurizers[PRETRAINED]}
     probes = runner.run("probe", probe_specs(config, cells), context_for(config, featurizers=base))
     heads = {Cell(**o.spec["cell"]).key: read_weights(o.checkpoint, "head") for o in probes}
     context = context_for(config, featurizers=featurizers, heads=heads, fault=runner.fault)

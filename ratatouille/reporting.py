@@ -7,6 +7,7 @@ evaluating dozens of networks on a CPU head node would take longer than training
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ import pandas as pd
 import yaml
 
 from ratatouille.config import ExperimentConfig, parse_config
-from ratatouille.models import build_classifier, create_featurizer, featurizer_state, join_state
+from ratatouille.models import build_classifier, join_state
 from ratatouille.reduce import ReduceInputs, ReduceResult, ReduceSettings, TargetRun, reduce_cell
-from ratatouille.stages import TrialContext
+from ratatouille.stages import context_for
 from ratatouille.summary import format_table, long_form, summarize, summarize_long
 from ratatouille.sweep import PRETRAINED, Cell
 
@@ -49,13 +50,10 @@ def reduce_one_cell(config: ExperimentConfig, cell: Cell, runs: list[TargetRun],
                     featurizers: dict, w_lp: dict) -> ReduceResult:
     """Build one cell's reducer inputs where the data lives, and reduce it."""
     from ratatouille.data import target_splits
-    context = TrialContext(data=config.data.model_dump(), seed=config.seed, arch=config.model.arch,
-                           gpus_per_trial=config.resources.gpus_per_trial)
+    context = context_for(config)
     dataset = context.dataset(config.data.dataset)
     splits = target_splits(dataset, [cell.test_env], cell.split_seed, config.data.holdout_fraction)
-    phi_pt = featurizers.get(PRETRAINED)
-    if phi_pt is None:
-        phi_pt = featurizer_state(create_featurizer(config.model.arch, pretrained_hub=True))
+    phi_pt = featurizers[PRETRAINED]
     build = functools.partial(build_classifier, config.model.arch, dataset.num_classes,
                               freeze_bn=config.model.freeze_bn)
     pool_loaders = {name: functools.partial(dict, state) for name, state in featurizers.items()
@@ -134,7 +132,9 @@ def print_outcome(outcome: Outcome) -> None:
 
 def _mlflow_hint(uri: str) -> str:
     if uri.startswith("sqlite:"):
-        return f"open it with: mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        beside = Path(sys.executable).with_name("mlflow")  # the venv's mlflow, maybe not on PATH
+        command = str(beside) if beside.exists() else "mlflow"
+        return f"open it with: {command} ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
     return f"open {uri} in a browser"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -237,14 +237,3 @@ def run_remote(fn, resources, *args: Any):
 
 def new_run_dir(config: ExperimentConfig) -> str:
     return f"{storage_root(config)}/{config.name}/run-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
-    return TrialContext(data=config.data.model_dump(), seed=config.seed, arch=config.model.arch,
-                        freeze_bn=config.model.freeze_bn,
-                        hub_pretrained=config.model.init == "hub",
-                        gpus_per_trial=config.resources.gpus_per_trial, **weights)
-
-
-def with_weights(context: TrialContext, **weights: Any) -> TrialContext:
-    return replace(context, **weights)

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Protocol
 import torch
 from torch import Tensor
 
+from ratatouille.config import ExperimentConfig
 from ratatouille.data import auxiliary_splits, get_dataset, target_splits
 from ratatouille.models import build_classifier, featurizer_state, load_featurizer_params
 from ratatouille.soups import average
@@ -44,7 +45,6 @@ class TrialContext:
     seed: int
     arch: str
     freeze_bn: bool = True
-    hub_pretrained: bool = False         # phi_pt from timm's hub (only when no "pretrained" state)
     featurizers: dict[str, StateDict] = field(default_factory=dict)  # "pretrained" + pool entries
     heads: dict[str, StateDict] = field(default_factory=dict)        # w_lp per cell key
     gpus_per_trial: float = 0.0
@@ -58,6 +58,13 @@ class TrialContext:
         return get_dataset(name, data.get("root"), image_size=data.get("image_size"),
                            augment=data.get("augment", True) if augment is None else augment,
                            seed=self.seed)
+
+
+def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
+    """The TrialContext of an experiment; `weights` sets featurizers, heads (and fault)."""
+    return TrialContext(data=config.data.model_dump(), seed=config.seed, arch=config.model.arch,
+                        freeze_bn=config.model.freeze_bn,
+                        gpus_per_trial=config.resources.gpus_per_trial, **weights)
 
 
 def _finetune_config(spec: Mapping[str, Any], ctx: TrialContext, **extra: Any) -> FineTuneConfig:
@@ -117,9 +124,8 @@ def run_pretrain(spec: Mapping[str, Any], ctx: TrialContext, reporter: Reporter)
 
 
 def _pretrained_classifier(ctx: TrialContext, num_classes: int, dropout: float, seed: int):
-    weights = ctx.featurizers.get(PRETRAINED)
-    return build_classifier(ctx.arch, num_classes, dropout=dropout, featurizer_weights=weights,
-                            pretrained_hub=weights is None and ctx.hub_pretrained,
+    return build_classifier(ctx.arch, num_classes, dropout=dropout,
+                            featurizer_weights=ctx.featurizers[PRETRAINED],
                             freeze_bn=ctx.freeze_bn, seed=seed)
 
 

@@ -164,14 +164,24 @@ class Tracker:
 
     def log_final_model(self, run_id: str, model: Any, registered_name: str,
                         tags: Mapping[str, str]) -> None:
-        """The final model as an MLflow model of the reducer run, registered under a name."""
+        """The final model as an MLflow model of the reducer run, registered under a name.
+
+        The package source travels with it (code_paths) so the model loads where ratatouille is
+        not installed; explicit requirements spare MLflow's slow inference by re-importing.
+        """
         with mlflow.start_run(run_id=run_id):
             # pickle, not pt2: torch.export cannot trace every timm architecture.
-            info = mlflow.pytorch.log_model(model, name="ratatouille_model", tags=dict(tags),
-                                            serialization_format="pickle")
+            info = mlflow.pytorch.log_model(
+                model, name="ratatouille_model", tags=dict(tags), serialization_format="pickle",
+                code_paths=[str(Path(__file__).parent)], pip_requirements=_model_requirements())
         version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))
         self.client.set_tag(run_id, "registered_model", f"{registered_name}/{version.version}")
         self.client.set_terminated(run_id)
+
+
+def _model_requirements() -> list[str]:
+    from importlib.metadata import version
+    return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "timm", "safetensors")]
 
 
 def _parent_params(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,26 +4,35 @@ from __future__ import annotations
 
 from collections import Counter
 
+import mlflow
+import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from ratatouille.pipeline import pool_path, run_pipeline
 from ratatouille.pool import Pool
 from ratatouille.reporting import reduce_latest
-from ratatouille.sweep import FUSING, PRETRAINED, aux_entry_name
+from ratatouille.cli import main
+from ratatouille.data import get_dataset, target_splits
+from ratatouille.train import evaluate_accuracy
+from ratatouille.sweep import FUSING, PRETRAINED, aux_entry_name, robust_name
 from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
 
 STRATEGIES = ("erm", "inter_training", "fusing", "ensemble_soups", "ensemble_ratatouille",
-              "soup_uniform", "soup_greedy", "ratatouille_uniform", "ratatouille_greedy", "wise_ft")
+              "soup_uniform", "soup_greedy", "ratatouille_uniform", "ratatouille_greedy", "wise_ft",
+              "robust_inter_training", "robust_ratatouille_uniform", "robust_ratatouille_greedy")
+ARMS = ["soups", "ratatouille", "fusing", "robust_ratatouille"]
+ROBUST = {"robust": True}
 TARGET_STEPS = (0, 3, 6, 9, 11)  # every checkpoint_freq=3 steps of 12, and the last one
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    config = tiny_config(root)
+    config = tiny_config(root, aux=ROBUST, target={"arms": ARMS})
     outcome = run_pipeline(config)
     client = MlflowClient(config.tracking.mlflow_uri)
     return config, outcome, client
@@ -45,7 +54,7 @@ def test_every_trial_has_a_child_run_with_params_and_checkpoint_metrics(sweep):
     config, outcome, client = sweep
     trials = _children(client, outcome, "trial")
     stages = Counter(run.data.tags["stage"] for run in trials)
-    assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 9}
+    assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 12}
     for run in (r for r in trials if r.data.tags["stage"] == "target"):
         params = run.data.params
         for key in ("arm", "init_source", "lr", "weight_decay", "dropout", "batch_size", "seed"):
@@ -60,12 +69,14 @@ def test_every_trial_has_a_child_run_with_params_and_checkpoint_metrics(sweep):
 def test_init_sources_are_balanced_and_recorded(sweep):
     config, outcome, client = sweep
     target = [r for r in _children(client, outcome, "trial") if r.data.tags["stage"] == "target"]
-    by_arm = {arm: [r.data.params for r in target if r.data.params["arm"] == arm]
-              for arm in ("soups", "ratatouille", "fusing")}
+    by_arm = {arm: [r.data.params for r in target if r.data.params["arm"] == arm] for arm in ARMS}
     assert {p["init_source"] for p in by_arm["soups"]} == {PRETRAINED}
     aux_names = {aux_entry_name(config, task, 0) for task in config.aux.tasks}
     # 3 runs over 3 sources (phi_pt + 2 auxiliary tasks): each source exactly once.
     assert sorted(p["init_source"] for p in by_arm["ratatouille"]) == sorted({PRETRAINED} | aux_names)
+    robust_names = {robust_name(name) for name in aux_names}
+    assert (sorted(p["init_source"] for p in by_arm["robust_ratatouille"])
+            == sorted({PRETRAINED} | robust_names))
     for params in by_arm["fusing"]:
         assert params["init_source"] == FUSING
         lambdas = [float(v) for k, v in params.items() if k.startswith("fusing_lambda/")]
@@ -76,11 +87,15 @@ def test_pool_holds_the_auxiliary_featurizers_with_their_manifest(sweep):
     config, _, _ = sweep
     pool = Pool(pool_path(config))
     entries = {entry.name: entry for entry in pool.entries()}
-    assert set(entries) == {aux_entry_name(config, task, 0) for task in config.aux.tasks}
-    for task in config.aux.tasks:
-        entry = entries[aux_entry_name(config, task, 0)]
-        assert (entry.source_task, entry.arch, entry.robust) == (task, "test_resnet", False)
-        assert 0.0 <= entry.id_val_acc <= 1.0
+    names = {aux_entry_name(config, task, 0): task for task in config.aux.tasks}
+    assert set(entries) == set(names) | {robust_name(name) for name in names}
+    for name, task in names.items():
+        for entry, robust in ((entries[name], False), (entries[robust_name(name)], True)):
+            assert (entry.source_task, entry.arch, entry.robust) == (task, "test_resnet", robust)
+            assert 0.0 <= entry.id_val_acc <= 1.0
+        # the moving average differs from the last weights it averages
+        last, average = pool.load(name), pool.load(robust_name(name))
+        assert any(not torch.equal(last[k], average[k]) for k in last if last[k].is_floating_point())
     assert all(problem is None for _, problem in pool.verify())
 
 
@@ -91,7 +106,7 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     for strategy in STRATEGIES:
         assert 0.0 <= metrics[f"ood_acc/{strategy}"] <= 1.0
         assert 0.0 <= metrics[f"id_val_acc/{strategy}"] <= 1.0
-    for arm in ("soups", "ratatouille", "fusing"):
+    for arm in ARMS:
         assert f"q_diversity/{arm}" in metrics and f"ratio_error/{arm}" in metrics
     artifacts = {a.path for a in client.list_artifacts(reducer.info.run_id)}
     assert {"comparison.csv", "comparison.json", "report.md", "figures"} <= artifacts
@@ -99,6 +114,14 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     assert len(figures) >= 4 and all(path.endswith(".png") for path in figures)
     versions = client.search_model_versions("name = 'tiny-ratatouille'")
     assert versions and versions[0].run_id == reducer.info.run_id
+    # The registered model is the final ratatouille model: its OOD accuracy, recomputed here
+    # from the registry, is the one logged for the strategy the reducer chose.
+    mlflow.set_tracking_uri(config.tracking.mlflow_uri)
+    model = mlflow.pytorch.load_model(f"models:/tiny-ratatouille/{versions[0].version}")
+    splits = target_splits(get_dataset("digits", seed=config.seed), [2], 0)
+    strategy = outcome.final_strategies["rot30-split0"]
+    assert strategy in ("ratatouille_uniform", "ratatouille_greedy")
+    assert evaluate_accuracy(model, splits.ood_test) == pytest.approx(metrics[f"ood_acc/{strategy}"])
     for strategy in STRATEGIES:
         assert strategy in outcome.table_markdown
 
@@ -113,14 +136,14 @@ def test_reduce_again_updates_the_same_reducer_run(sweep):
     for strategy in STRATEGIES:  # same weights, same data: the same numbers
         key = f"ood_acc/{strategy}"
         assert after.data.metrics[key] == pytest.approx(before.data.metrics[key])
-    assert len(_children(client, outcome, "trial")) == 13  # restoring trained nothing
+    assert len(_children(client, outcome, "trial")) == 16  # restoring trained nothing
 
 
 def test_second_experiment_reuses_pretrained_and_pool(sweep):
     config, _, client = sweep
     pool = Pool(pool_path(config))
     created = {entry.name: entry.created for entry in pool.entries()}
-    other = tiny_config(pool_path(config).parent.parent, name="tiny-reuse",
+    other = tiny_config(pool_path(config).parent.parent, name="tiny-reuse", aux=ROBUST,
                         target={"arms": ["ratatouille"], "n_runs": 3})
     outcome = run_pipeline(other)
     experiment = client.get_experiment_by_name("tiny-reuse")
@@ -130,3 +153,20 @@ def test_second_experiment_reuses_pretrained_and_pool(sweep):
                      if run.data.tags.get("ratatouille.role") == "trial")
     assert stages == {"probe": 1, "target": 3}  # no pretrain, no auxiliary training again
     assert {entry.name: entry.created for entry in pool.entries()} == created
+
+
+def test_report_prints_the_table_and_writes_markdown_and_csv(sweep, tmp_path, capsys):
+    config, outcome, _ = sweep
+    code = main(["report", "--experiment", "tiny", "--tracking-uri", config.tracking.mlflow_uri,
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    markdown = (tmp_path / "tiny" / "report.md").read_text()
+    csv = pd.read_csv(tmp_path / "tiny" / "report.csv")
+    assert set(csv.strategy) == set(STRATEGIES)
+    assert list(csv.test_domain.unique()) == ["rot30"]
+    (reducer,) = _children(sweep[2], outcome, "reducer")
+    for row in csv.itertuples():  # the CSV carries the numbers the reducer logged
+        assert row.ood_acc == pytest.approx(reducer.data.metrics[f"ood_acc/{row.strategy}"])
+        assert f"| {row.strategy} | {100 * row.ood_acc:.1f} |" in markdown
+    assert "| ratatouille_uniform |" in out

@@ -19,12 +19,10 @@ from ratatouille.pool import (
     Pool,
     PoolError,
     balanced_sources,
-    cli_import,
-    cli_list,
-    cli_verify,
     import_weights,
     sha256_file,
 )
+from ratatouille.pool_cli import cli_import, cli_list, cli_verify
 
 ARCH = "test_resnet"
 torch.set_num_threads(1)
