@@ -112,14 +112,18 @@ def reduce_and_log(config: ExperimentConfig, state, tracker) -> Outcome:
 
 
 def _log_models(config: ExperimentConfig, tracker, run_id: str, results) -> None:
+    """One final model per cell (each trained without its test domain), all registered under
+    one name; their tags say which held-out domain and split each version belongs to."""
     name = config.tracking.registered_model_name or f"{config.name}-ratatouille"
-    first = next(iter(results.values()))
-    num_classes = first.final_model_state["head.weight"].shape[0]
-    model = build_classifier(config.model.arch, num_classes, freeze_bn=config.model.freeze_bn)
-    model.load_state_dict(first.final_model_state)
-    tracker.log_final_model(run_id, model.eval(), name, tags={
-        "strategy": first.final_strategy, "test_domain": first.test_domain,
-        "split_seed": str(first.split_seed)})
+    for result in results.values():
+        num_classes = result.final_model_state["head.weight"].shape[0]
+        model = build_classifier(config.model.arch, num_classes, freeze_bn=config.model.freeze_bn)
+        model.load_state_dict(result.final_model_state)
+        cell = f"{result.test_domain}-split{result.split_seed}".replace(" ", "_")
+        tracker.log_final_model(run_id, model.eval(), name, artifact_name=f"model-{cell}", tags={
+            "strategy": result.final_strategy, "test_domain": result.test_domain,
+            "split_seed": str(result.split_seed)})
+    tracker.finish_run(run_id)
 
 
 def print_outcome(outcome: Outcome) -> None:

@@ -81,6 +81,9 @@ class Tracker:
             self.client.log_param(self.parent_id, key, value)
         return self.parent_id
 
+    def finish_run(self, run_id: str) -> None:
+        self.client.set_terminated(run_id)
+
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.parent_id:
             self.client.set_terminated(self.parent_id, status=status)
@@ -162,7 +165,7 @@ class Tracker:
             self.client.log_figure(run_id, figure, f"figures/{name}.png")
         return run_id
 
-    def log_final_model(self, run_id: str, model: Any, registered_name: str,
+    def log_final_model(self, run_id: str, model: Any, registered_name: str, artifact_name: str,
                         tags: Mapping[str, str]) -> None:
         """The final model as an MLflow model of the reducer run, registered under a name.
 
@@ -172,11 +175,11 @@ class Tracker:
         with mlflow.start_run(run_id=run_id):
             # pickle, not pt2: torch.export cannot trace every timm architecture.
             info = mlflow.pytorch.log_model(
-                model, name="ratatouille_model", tags=dict(tags), serialization_format="pickle",
+                model, name=artifact_name, tags=dict(tags), serialization_format="pickle",
                 code_paths=[str(Path(__file__).parent)], pip_requirements=_model_requirements())
         version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))
-        self.client.set_tag(run_id, "registered_model", f"{registered_name}/{version.version}")
-        self.client.set_terminated(run_id)
+        self.client.set_tag(run_id, f"registered_model/{artifact_name}",
+                            f"{registered_name}/{version.version}")
 
 
 def _model_requirements() -> list[str]:
