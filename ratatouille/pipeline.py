@@ -7,6 +7,7 @@ so later experiments and other test domains reuse them instead of training them 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from ratatouille.sweep import (
     robust_name,
     target_specs,
 )
-from ratatouille.tracking import RUN_DIR, Tracker, latest_parent
+from ratatouille.reporting import Outcome, reduce_and_log
+from ratatouille.tracking import RUN_DIR, Tracker, TrackingError, latest_parent
 
 
 class PipelineError(RuntimeError):
@@ -158,7 +160,7 @@ def open_run(config: ExperimentConfig, continue_last: bool) -> tuple[Tracker, st
         return tracker, run_dir
     try:
         _, parent = latest_parent(config.name, tracker.uri)
-    except Exception as error:  # noqa: BLE001 - re-raised with the fix
+    except TrackingError as error:
         raise PipelineError(f"nothing to resume for experiment {config.name!r} ({error}); "
                             "run without --resume first") from None
     run_dir = parent.data.tags[RUN_DIR]
@@ -166,16 +168,29 @@ def open_run(config: ExperimentConfig, continue_last: bool) -> tuple[Tracker, st
     return tracker, run_dir
 
 
+def check_local_data(config: ExperimentConfig) -> None:
+    """Fail before anything starts when a dataset is not where the config says.
+
+    Only for a local run: on a cluster the data may live on the workers alone (cluster.yaml
+    syncs it there), and the trials report a missing folder themselves.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    for name in {config.data.dataset, *config.aux.tasks}:
+        if name in DOMAINBED_DATASETS:
+            get_dataset(name, config.data.root)  # raises DatasetNotFoundError naming the path
+
+
 def run_pipeline(config: ExperimentConfig, *, resume: bool = False, reduce_only: bool = False,
-                 fault: dict[str, Any] | None = None) -> Any:
+                 fault: dict[str, Any] | None = None) -> Outcome:
     """`ratatouille run` (and `reduce`, which restores every stage and only reduces)."""
+    check_local_data(config)
     tracker, run_dir = open_run(config, continue_last=resume or reduce_only)
     connect_ray()
     runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only,
                          fault=fault)
     try:
         state = run_stages(config, runner)
-        from ratatouille.reporting import reduce_and_log
         outcome = reduce_and_log(config, state, tracker)
     except (SweepIncomplete, KeyboardInterrupt):
         tracker.finish_parent("KILLED")

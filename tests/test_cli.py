@@ -107,3 +107,13 @@ def test_report_without_any_run_says_what_to_do(tmp_path, capsys, monkeypatch):
                                     str(EXPERIMENTS / "domainbed" / "domain_net.yaml")])
 def test_shipped_configs_are_valid(config, capsys):
     assert _run(capsys, "plan", config)[0] == 0
+
+
+def test_missing_domainbed_folder_fails_before_anything_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, _, err = _run(capsys, "run", str(EXPERIMENTS / "domainbed" / "pacs.yaml"),
+                        "--data-root", str(tmp_path / "data"))
+    assert code == 2
+    assert str(tmp_path / "data") in err and "download" in err.lower()
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, no Ray: nothing half-started
