@@ -8,6 +8,7 @@ so later experiments and other test domains reuse them instead of training them 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ from ratatouille.config import ExperimentConfig
 from ratatouille.data import DOMAINBED_DATASETS, get_dataset, resolve_test_env
 from ratatouille.models import create_featurizer
 from ratatouille.pool import Pool
+from ratatouille.reporting import Outcome, reduce_and_log
 from ratatouille.search import (
-    SweepIncomplete,
     StageRunner,
+    SweepIncomplete,
     TrialOutcome,
     connect_ray,
     new_run_dir,
@@ -37,7 +39,6 @@ from ratatouille.sweep import (
     robust_name,
     target_specs,
 )
-from ratatouille.reporting import Outcome, reduce_and_log
 from ratatouille.tracking import RUN_DIR, Tracker, TrackingError, latest_parent
 
 
@@ -186,7 +187,7 @@ def run_pipeline(config: ExperimentConfig, *, resume: bool = False, reduce_only:
     """`ratatouille run` (and `reduce`, which restores every stage and only reduces)."""
     check_local_data(config)
     tracker, run_dir = open_run(config, continue_last=resume or reduce_only)
-    connect_ray()
+    print(f"ray: {connect_ray()}", file=sys.stderr)
     runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only,
                          fault=fault)
     try:

@@ -16,7 +16,6 @@ writes them all as PNG.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

@@ -10,19 +10,24 @@ import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import yaml
 
 from ratatouille.config import ExperimentConfig, parse_config
 from ratatouille.models import build_classifier, join_state
-from ratatouille.reduce import ReduceInputs, ReduceResult, ReduceSettings, TargetRun, reduce_cell
+from ratatouille.reduce import (
+    ReduceInputs,
+    ReduceResult,
+    ReduceSettings,
+    TargetRun,
+    reduce_cell,
+)
 from ratatouille.stages import context_for
 from ratatouille.summary import format_table, long_form, summarize, summarize_long
 from ratatouille.sweep import PRETRAINED, Cell
 
-REPORT_CSV, REPORT_MD = "comparison.csv", "report.md"
+REPORT_MD = "report.md"
 
 
 @dataclass

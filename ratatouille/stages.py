@@ -15,10 +15,14 @@ from torch import Tensor
 
 from ratatouille.config import ExperimentConfig
 from ratatouille.data import auxiliary_splits, get_dataset, target_splits
-from ratatouille.models import build_classifier, featurizer_state, load_featurizer_params
+from ratatouille.models import (
+    build_classifier,
+    featurizer_state,
+    load_featurizer_params,
+)
+from ratatouille.probe import linear_probe
 from ratatouille.soups import average
 from ratatouille.sweep import FUSING, PRETRAINED, cell_key
-from ratatouille.probe import linear_probe
 from ratatouille.train import FineTuneConfig, evaluate_accuracy, fine_tune
 
 StateDict = dict[str, Tensor]
