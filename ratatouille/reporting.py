@@ -25,7 +25,7 @@ from ratatouille.reduce import (
 )
 from ratatouille.stages import context_for
 from ratatouille.summary import format_table, long_form, summarize, summarize_long
-from ratatouille.sweep import PRETRAINED, Cell
+from ratatouille.sweep import PRETRAINED, Cell, cell_key
 
 REPORT_MD = "report.md"
 
@@ -39,6 +39,10 @@ class Outcome:
     tracking_uri: str
     parent_run_id: str
     final_strategies: dict[str, str]
+
+
+def _key(test_domain: str, split_seed: int) -> str:
+    return cell_key({"test_domain": test_domain, "split_seed": split_seed})
 
 
 def _target_runs(outcomes) -> list[TargetRun]:
@@ -84,7 +88,7 @@ def reduce_metrics(results: dict[tuple[str, int], ReduceResult]) -> dict[str, fl
         metrics[f"id_val_acc/{strategy}"] = rows.id_val_acc.mean()
         if len(results) > 1:
             for row in rows.itertuples():
-                metrics[f"ood_acc/{strategy}/{row.test_domain}-split{row.split_seed}"] = row.ood_acc
+                metrics[f"ood_acc/{strategy}/{_key(row.test_domain, row.split_seed)}"] = row.ood_acc
     diversity = pd.concat([r.diversity for r in results.values()], ignore_index=True)
     for arm, rows in diversity.groupby("arm"):
         metrics[f"q_diversity/{arm}"] = rows.q_diversity.mean()
@@ -107,13 +111,13 @@ def reduce_and_log(config: ExperimentConfig, state, tracker) -> Outcome:
     table = format_table(summary)
     figures = {}
     for (domain, seed), result in results.items():
-        suffix = "" if len(results) == 1 else f"_{domain}-split{seed}".replace(" ", "_")
+        suffix = "" if len(results) == 1 else f"_{_key(domain, seed)}"
         figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
     run_id = tracker.log_reduction(reduce_metrics(results), long_form(results), figures,
                                    {REPORT_MD: table + "\n"})
     _log_models(config, tracker, run_id, results)
     return Outcome(config.name, table, tracker.uri, tracker.parent_id,
-                   {f"{d}-split{s}": r.final_strategy for (d, s), r in results.items()})
+                   {_key(d, s): r.final_strategy for (d, s), r in results.items()})
 
 
 def _log_models(config: ExperimentConfig, tracker, run_id: str, results) -> None:
@@ -124,7 +128,7 @@ def _log_models(config: ExperimentConfig, tracker, run_id: str, results) -> None
         num_classes = result.final_model_state["head.weight"].shape[0]
         model = build_classifier(config.model.arch, num_classes, freeze_bn=config.model.freeze_bn)
         model.load_state_dict(result.final_model_state)
-        cell = f"{result.test_domain}-split{result.split_seed}".replace(" ", "_")
+        cell = _key(result.test_domain, result.split_seed)
         tracker.log_final_model(run_id, model.eval(), name, artifact_name=f"model-{cell}", tags={
             "strategy": result.final_strategy, "test_domain": result.test_domain,
             "split_seed": str(result.split_seed)})

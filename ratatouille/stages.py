@@ -91,15 +91,19 @@ def _fault_hook(spec: Mapping[str, Any], ctx: TrialContext, restored: bool):
 
 
 def _train_with_reports(model, splits, spec, ctx, reporter: Reporter, cfg: FineTuneConfig,
-                        checkpoint_every_time: bool):
-    """fine_tune, reporting id_val_acc at each checkpoint; a Tune checkpoint (full resumable
-    state + current weights) whenever ID val strictly improves, or every time if asked."""
+                        keep_best: bool):
+    """fine_tune, reporting id_val_acc at each checkpoint step. With `keep_best` (target runs),
+    a Tune checkpoint (resumable state + the weights as safetensors) only when ID val strictly
+    improves, so the kept checkpoint holds the best weights; otherwise the resumable state at
+    every checkpoint step (the stage reports its final weights itself)."""
     resume = reporter.restored_state()
     fail = _fault_hook(spec, ctx, restored=resume is not None)
 
     def on_checkpoint(step: int, metrics: Mapping[str, Any], snapshot) -> None:
         row = {**metrics, "step": step}
-        if checkpoint_every_time or metrics["best_step"] == step:
+        if not keep_best:
+            reporter.report(row, train_state=snapshot())
+        elif metrics["best_step"] == step:
             state = snapshot()
             reporter.report(row, weights={"model": state["model"]}, train_state=state)
         else:
@@ -123,7 +127,7 @@ def run_pretrain(spec: Mapping[str, Any], ctx: TrialContext, reporter: Reporter)
     model = build_classifier(ctx.arch, dataset.num_classes, dropout=spec["hparams"]["dropout"],
                              freeze_bn=False, seed=spec["seed"])
     result = _train_with_reports(model, splits, spec, ctx, reporter,
-                                 _finetune_config(spec, ctx), checkpoint_every_time=True)
+                                 _finetune_config(spec, ctx), keep_best=False)
     reporter.report(_final_metrics(result), weights={"featurizer": featurizer_state(result.final_state)})
 
 
@@ -141,7 +145,7 @@ def run_aux(spec: Mapping[str, Any], ctx: TrialContext, reporter: Reporter) -> N
     # The moving average starts after 100 steps (Arpit et al.), earlier in very short runs.
     cfg = _finetune_config(spec, ctx, moving_average=spec["robust"],
                            ma_start=min(100, spec["steps"] // 2))
-    result = _train_with_reports(model, splits, spec, ctx, reporter, cfg, checkpoint_every_time=True)
+    result = _train_with_reports(model, splits, spec, ctx, reporter, cfg, keep_best=False)
     weights = {"featurizer": featurizer_state(result.final_state)}
     metrics = _final_metrics(result)
     if spec["robust"] and result.average_state is not None:
@@ -190,7 +194,7 @@ def run_target(spec: Mapping[str, Any], ctx: TrialContext, reporter: Reporter) -
         load_featurizer_params(model, phi_init)
     model.head.load_state_dict(ctx.heads[cell_key(cell)])
     cfg = _finetune_config(spec, ctx, lp_steps=spec["lp_steps"])
-    result = _train_with_reports(model, splits, spec, ctx, reporter, cfg, checkpoint_every_time=False)
+    result = _train_with_reports(model, splits, spec, ctx, reporter, cfg, keep_best=True)
     reporter.report(_final_metrics(result))
 
 

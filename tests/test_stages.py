@@ -1,0 +1,89 @@
+"""Trial bodies in-process (no Ray): what each stage reports and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ratatouille.models import create_featurizer
+from ratatouille.pipeline import experiment_cells
+from ratatouille.stages import InjectedFault, context_for, init_featurizer, run_trial
+from ratatouille.sweep import FUSING, PRETRAINED, aux_specs, probe_specs, target_specs
+from tiny import tiny_config
+
+
+class ListReporter:
+    def __init__(self, restored=None):
+        self.rows, self.restored = [], restored
+
+    def report(self, metrics, *, weights=None, train_state=None):
+        self.rows.append((dict(metrics), weights, train_state))
+
+    def restored_state(self):
+        return self.restored
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    config = tiny_config(tmp_path_factory.mktemp("stages"), aux={"robust": True})
+    phi_pt = create_featurizer("test_resnet").state_dict()
+    ctx = context_for(config, featurizers={PRETRAINED: phi_pt})
+    cells = experiment_cells(config)
+    probe = ListReporter()
+    run_trial(probe_specs(config, cells)[0], ctx, probe)
+    ctx.heads[cells[0].key] = probe.rows[-1][1]["head"]
+    return config, ctx, cells
+
+
+def test_target_checkpoints_only_strict_improvements_with_their_weights(setup):
+    config, ctx, cells = setup
+    spec = next(s for s in target_specs(config, cells) if s["init_source"] == PRETRAINED)
+    reporter = ListReporter()
+    run_trial(spec, ctx, reporter)
+    *steps, (final, final_weights, _) = reporter.rows
+    assert final["done"] and final_weights is None
+    best = float("-inf")
+    for metrics, weights, state in steps:
+        improved = metrics["id_val_acc"] > best
+        best = max(best, metrics["id_val_acc"])
+        assert (weights is not None) == improved == (state is not None)
+        if improved:
+            assert all(weights["model"][k].equal(state["model"][k]) for k in state["model"])
+    assert final["best_id_val_acc"] == best
+
+
+def test_auxiliary_run_reports_last_and_moving_average_featurizers(setup):
+    config, ctx, _ = setup
+    reporter = ListReporter()
+    run_trial(aux_specs(config)[0], ctx, reporter)
+    final, weights, _ = reporter.rows[-1]
+    assert set(weights) == {"featurizer", "featurizer_ma"}
+    assert 0.0 <= final["ma_id_val_acc"] <= 1.0
+    for metrics, _, state in reporter.rows[:-1]:  # resumable state at every checkpoint step
+        assert state is not None and state["step"] == metrics["step"]
+
+
+def test_fusing_init_is_the_lambda_weighted_featurizer(setup):
+    config, ctx, cells = setup
+    spec = next(s for s in target_specs(config, cells) if s["init_source"] == FUSING)
+    sources = {name: {"w": torch.full((2,), float(i + 1))} for i, name in enumerate(spec["fusing"])}
+    ctx_sources = context_for(config, featurizers=sources)
+    expected = sum(lam * (i + 1) for i, lam in enumerate(spec["fusing"].values()))
+    assert init_featurizer(spec, ctx_sources)["w"] == pytest.approx(torch.full((2,), expected))
+
+
+def test_injected_fault_fires_once_at_its_step(setup):
+    config, ctx, cells = setup
+    spec = next(s for s in target_specs(config, cells) if s["arm"] == "soups")
+    faulty = context_for(config, featurizers=ctx.featurizers, heads=ctx.heads,
+                         fault={"stage": "target", "arm": "soups", "run": spec["run"], "step": 6})
+    reporter = ListReporter()
+    with pytest.raises(InjectedFault, match="step 6"):
+        run_trial(spec, faulty, reporter)
+    assert reporter.rows[-1][0]["step"] == 6
+    last_checkpoint = next(state for _, _, state in reversed(reporter.rows) if state is not None)
+    resumed = ListReporter(restored=last_checkpoint)
+    run_trial(spec, faulty, resumed)  # a restored trial is not failed again
+    assert resumed.rows[-1][0]["done"]
+    assert resumed.rows[0][0]["step"] > last_checkpoint["step"]
