@@ -55,6 +55,16 @@ def _target_runs(outcomes) -> list[TargetRun]:
             for o in outcomes]
 
 
+def _recycled_sources(runs: list[TargetRun]) -> list[str]:
+    """Pool entries for Hypothesis 1: those of the ratatouille arm (the robust arm's otherwise),
+    so a curve never joins a featurizer to its own moving average."""
+    for arm in ("ratatouille", "robust_ratatouille"):
+        names = sorted({r.init_source for r in runs if r.arm == arm} - {PRETRAINED})
+        if names:
+            return names
+    return []
+
+
 def reduce_one_cell(config: ExperimentConfig, cell: Cell, runs: list[TargetRun],
                     featurizers: dict, w_lp: dict) -> ReduceResult:
     """Build one cell's reducer inputs where the data lives, and reduce it."""
@@ -65,8 +75,8 @@ def reduce_one_cell(config: ExperimentConfig, cell: Cell, runs: list[TargetRun],
     phi_pt = featurizers[PRETRAINED]
     build = functools.partial(build_classifier, config.model.arch, dataset.num_classes,
                               freeze_bn=config.model.freeze_bn)
-    pool_loaders = {name: functools.partial(dict, state) for name, state in featurizers.items()
-                    if name != PRETRAINED}
+    pool_loaders = {name: functools.partial(dict, featurizers[name])
+                    for name in _recycled_sources(runs)}
     settings = ReduceSettings(wise_alpha=config.reduce.wise_alpha,
                               lmc_tolerance=config.reduce.lmc_tolerance,
                               ablation_draws=config.reduce.ablation_draws,
