@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -88,7 +89,8 @@ def aux_entry_name(config: ExperimentConfig, task: str, run: int) -> str:
     """Pool name of an auxiliary fine-tuning: same recipe and phi_pt -> same name -> reused."""
     recipe = {"aux": config.aux.model_dump(exclude={"tasks", "extra_sources"}),
               "from": pretrained_identity(config)}
-    return f"{task}-{config.model.arch}-r{run}-{digest(recipe)}"
+    arch = re.sub(r"[^A-Za-z0-9._-]", "_", config.model.arch)  # e.g. "hf-hub:timm/..." names
+    return f"{task}-{arch}-r{run}-{digest(recipe)}"
 
 
 def robust_name(entry_name: str) -> str:

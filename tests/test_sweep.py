@@ -96,3 +96,13 @@ def test_phi_pt_from_a_local_file(tmp_path):
     loaded = _pretrained(config, runner=None)[PRETRAINED]
     for key, value in featurizer.state_dict().items():
         assert loaded[key].equal(value), key
+
+
+def test_pool_names_are_valid_for_hub_style_arch_names(tmp_path):
+    from ratatouille.pool import PoolError, _check_name
+    config = tiny_config(tmp_path, model={"arch": "hf-hub:timm/resnet50.a1_in1k"})
+    name = aux_entry_name(config, "digits_aux_flipped", 0)
+    assert name.startswith("digits_aux_flipped-hf-hub_timm_resnet50.a1_in1k-r0-")
+    _check_name(name)  # the pool accepts it
+    with pytest.raises(PoolError):
+        _check_name("digits-hf-hub:timm/resnet50")  # the unsanitised form it would refuse
