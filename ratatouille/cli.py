@@ -21,7 +21,11 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ratatouille", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ratatouille",
+        description="Model ratatouille as a Ray Tune sweep: recycle auxiliary fine-tunings as "
+                    "initializations, average the target runs, compare every strategy in MLflow.",
+        epilog="example: ratatouille run experiments/quickstart.yaml")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the whole pipeline of a config")
