@@ -110,8 +110,9 @@ def reduce_and_log(config: ExperimentConfig, state, tracker) -> Outcome:
     """Reduce every cell (as Ray tasks), then log metrics, tables, figures and the model."""
     from ratatouille.plots import figures as cell_figures
     from ratatouille.search import run_remote
-    by_cell = {cell.key: [o for o in state.targets if Cell(**o.spec["cell"]) == cell]
-               for cell in state.cells}
+    by_cell: dict[str, list] = {cell.key: [] for cell in state.cells}
+    for outcome in state.targets:
+        by_cell[cell_key(outcome.spec["cell"])].append(outcome)
     pending = {cell: run_remote(reduce_one_cell, config.resources, config, cell,
                                 _target_runs(by_cell[cell.key]), state.featurizers,
                                 state.heads[cell.key])

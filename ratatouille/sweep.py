@@ -140,9 +140,8 @@ def arm_sources(config: ExperimentConfig, arm: str) -> list[list[str]]:
     return groups
 
 
-def _init_for_run(config: ExperimentConfig, arm: str, cell: Cell, run: int,
-                  assignment: list[int]) -> dict[str, Any]:
-    groups = arm_sources(config, arm)
+def _init_for_run(config: ExperimentConfig, arm: str, groups: list[list[str]], cell: Cell,
+                  run: int, assignment: list[int]) -> dict[str, Any]:
     if arm == "fusing":
         # One featurizer per source (the first run of each task) mixed by softmax(kappa).
         names = [group[0] for group in groups]
@@ -161,11 +160,11 @@ def target_specs(config: ExperimentConfig, cells: list[Cell]) -> list[dict[str, 
     specs = []
     for cell in cells:
         for arm in config.target.arms:
-            n_sources = len(arm_sources(config, arm))
-            assignment = balanced_sources(config.target.n_runs, n_sources,
+            groups = arm_sources(config, arm)
+            assignment = balanced_sources(config.target.n_runs, len(groups),
                                           seed_hash(config.seed, "sources", arm, cell.key))
             for run in range(config.target.n_runs):
-                init = _init_for_run(config, arm, cell, run, assignment)
+                init = _init_for_run(config, arm, groups, cell, run, assignment)
                 hparams = random_hparams(
                     config.target.hparams, seed_hash(config.seed, "target", cell.split_seed, run),
                     overrides=config.target.hparams_override)
