@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from ratatouille.diversity import pairwise_diversity, q_statistic
+from ratatouille.merging.diversity import pairwise_diversity, q_statistic
 
 
 def naive_q_diversity(y_true: np.ndarray, preds: np.ndarray) -> np.ndarray:
@@ -62,8 +62,10 @@ def main() -> None:
 
     y, preds = make_predictions(args.models, args.samples, args.classes, seed=0)
     pairs = args.models * (args.models - 1) // 2
-    print(f"q-diversity matrix: {args.models} models x {args.samples} predictions ({pairs} pairs), "
-          f"BLAS threads: {args.blas_threads or 'default'}")
+    print(
+        f"q-diversity matrix: {args.models} models x {args.samples} predictions ({pairs} pairs), "
+        f"BLAS threads: {args.blas_threads or 'default'}"
+    )
     fast, fast_matrix = best_time(lambda: pairwise_diversity(y, preds, "q_diversity"), args.repeats)
     slow, slow_matrix = best_time(lambda: naive_q_diversity(y, preds), args.repeats)
     diagonal_free = ~np.eye(args.models, dtype=bool)

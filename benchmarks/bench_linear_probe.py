@@ -2,7 +2,7 @@
 
 Both routes fit the same head (same init, same Adam, same lr, same per-domain batches, same
 number of steps) on the embedded benchmark's target task. The reference pushes every batch
-through the frozen featurizer at every step; ``ratatouille.probe.linear_probe`` extracts the
+through the frozen featurizer at every step; ``ratatouille.engine.probe.linear_probe`` extracts the
 ID-train features once (evaluation transform) and trains on the cache. The reference loop is
 given its best case: the featurizer's parameters do not require grad, so no backward runs
 through it.
@@ -13,7 +13,8 @@ The speed-up grows with the steps: the cache costs one pass over the ID-train sp
 reference ``steps x domains x batch_size`` forward passes.
 
     python benchmarks/bench_linear_probe.py                       # CPU-sized defaults
-    python benchmarks/bench_linear_probe.py --arch resnet50 --image-size 224 --steps 1000 --device cuda
+    python benchmarks/bench_linear_probe.py --arch resnet50 --image-size 224 --steps 1000 \
+        --device cuda
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ratatouille.data import InfiniteLoader, eval_loader, get_dataset, target_splits
-from ratatouille.models import build_classifier, featurizer_state, freeze_bn, head_state
-from ratatouille.probe import eval_train_views, linear_probe
-from ratatouille.train import autocast_for, evaluate_accuracy, loader_seed
+from ratatouille.engine.models import build_classifier, featurizer_state, freeze_bn, head_state
+from ratatouille.engine.probe import eval_train_views, linear_probe
+from ratatouille.engine.train import autocast_for, evaluate_accuracy, loader_seed
 
 
 def _sync(device: torch.device) -> None:
@@ -51,14 +52,16 @@ def calibrated_featurizer(arch: str, image_size: int) -> dict[str, torch.Tensor]
     return featurizer_state(freeze_bn(model))
 
 
-def reference_loop(model, train, steps: int, lr: float, batch_size: int, seed: int,
-                   device: torch.device) -> None:
+def reference_loop(
+    model, train, steps: int, lr: float, batch_size: int, seed: int, device: torch.device
+) -> None:
     """The reference's probe: Adam on the head, every step through the frozen featurizer."""
     for param in model.featurizer.parameters():
         param.requires_grad_(False)
     optimizer = torch.optim.Adam(model.head.parameters(), lr=lr)
-    streams = [iter(InfiniteLoader(d, batch_size, loader_seed(seed, i, 0)))
-               for i, d in enumerate(train)]
+    streams = [
+        iter(InfiniteLoader(d, batch_size, loader_seed(seed, i, 0))) for i, d in enumerate(train)
+    ]
     model.train()
     for _ in range(steps):
         xs, ys = zip(*(next(s) for s in streams))
@@ -91,14 +94,25 @@ def main() -> None:
     model = build_classifier(args.arch, splits.num_classes, featurizer_weights=phi, seed=0)
     model.to(device)
     w_init = {k: v.detach().clone() for k, v in head_state(model).items()}
-    print(f"{args.arch} at {args.image_size}px on {device}; {args.steps} steps, "
-          f"{len(train)} domains x {args.batch_size}; ID-train sizes {[len(t) for t in train]}")
+    print(
+        f"{args.arch} at {args.image_size}px on {device}; {args.steps} steps, "
+        f"{len(train)} domains x {args.batch_size}; ID-train sizes {[len(t) for t in train]}"
+    )
 
     _sync(device)
     start = time.perf_counter()
-    probe = linear_probe(model.featurizer, train, splits.id_val, splits.num_classes,
-                         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=0,
-                         device=str(device), head_init=w_init)
+    probe = linear_probe(
+        model.featurizer,
+        train,
+        splits.id_val,
+        splits.num_classes,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=0,
+        device=str(device),
+        head_init=w_init,
+    )
     _sync(device)
     cached_s = time.perf_counter() - start
 

@@ -18,13 +18,15 @@ import time
 
 CHILD = r"""
 import json, resource, sys, time, torch, timm
-from ratatouille.soups import uniform_soup
+from ratatouille.merging.soups import uniform_soup
 arch, models, route = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
-shapes = {k: (v.shape, v.dtype) for k, v in timm.create_model(arch, num_classes=0).state_dict().items()}
+reference = timm.create_model(arch, num_classes=0).state_dict()
+shapes = {k: (v.shape, v.dtype) for k, v in reference.items()}
 def load(i):
     g = torch.Generator().manual_seed(i)
-    return {k: (torch.randn(s, generator=g).to(d) if d.is_floating_point else torch.zeros(s, dtype=d))
+    return {k: (torch.randn(s, generator=g).to(d) if d.is_floating_point
+                else torch.zeros(s, dtype=d))
             for k, (s, d) in shapes.items()}
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
@@ -41,8 +43,12 @@ print(json.dumps({"peak_mib": (peak - base) / 1024, "seconds": seconds}))
 
 
 def measure(arch: str, models: int, route: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, arch, str(models), route],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, arch, str(models), route],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -52,7 +58,9 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=10)
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d')}  averaging {args.models} x {args.arch} featurizer states")
-    results = {route: measure(args.arch, args.models, route) for route in ("streaming", "stack all")}
+    results = {
+        route: measure(args.arch, args.models, route) for route in ("streaming", "stack all")
+    }
     for route, r in results.items():
         print(f"  {route:<10} peak +{r['peak_mib']:8.0f} MiB   {r['seconds']:6.2f} s")
     ratio = results["stack all"]["peak_mib"] / max(results["streaming"]["peak_mib"], 1e-9)

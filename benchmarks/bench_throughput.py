@@ -5,7 +5,7 @@ core (what `torch.set_num_threads` = the trial's CPUs buys, since Ray's launcher
 OMP_NUM_THREADS=1). The images/s feed `resources.images_per_second`, which `ratatouille plan`
 turns into GPU-hours.
 
-    python benchmarks/bench_throughput.py                                   # test_resnet, 16 px, CPU
+    python benchmarks/bench_throughput.py                      # test_resnet, 16 px, CPU
     python benchmarks/bench_throughput.py --arch resnet50 --image-size 224 --device cuda
 """
 
@@ -19,17 +19,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ratatouille.models import build_classifier
+from ratatouille.engine.models import build_classifier
 
 
-def images_per_second(arch: str, image_size: int, batch: int, steps: int, device: str,
-                      bf16: bool) -> float:
+def images_per_second(
+    arch: str, image_size: int, batch: int, steps: int, device: str, bf16: bool
+) -> float:
     model = build_classifier(arch, num_classes=10, seed=0).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16
-                else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step() -> None:
         with autocast:
@@ -59,20 +59,27 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"{time.strftime('%Y-%m-%d')}  {args.arch} @ {args.image_size}px, batch {args.batch}, "
-          f"{args.steps} steps on {name}")
+    print(
+        f"{time.strftime('%Y-%m-%d')}  {args.arch} @ {args.image_size}px, batch {args.batch}, "
+        f"{args.steps} steps on {name}"
+    )
     if args.device == "cuda":
-        rows = {"float32": images_per_second(args.arch, args.image_size, args.batch, args.steps,
-                                             "cuda", bf16=False),
-                "bf16 autocast": images_per_second(args.arch, args.image_size, args.batch,
-                                                   args.steps, "cuda", bf16=True)}
+        rows = {
+            "float32": images_per_second(
+                args.arch, args.image_size, args.batch, args.steps, "cuda", bf16=False
+            ),
+            "bf16 autocast": images_per_second(
+                args.arch, args.image_size, args.batch, args.steps, "cuda", bf16=True
+            ),
+        }
         baseline = "float32"
     else:
         rows = {}
         for threads in (1, os.cpu_count() or 1):
             torch.set_num_threads(threads)
-            rows[f"{threads} thread(s)"] = images_per_second(args.arch, args.image_size, args.batch,
-                                                             args.steps, "cpu", bf16=False)
+            rows[f"{threads} thread(s)"] = images_per_second(
+                args.arch, args.image_size, args.batch, args.steps, "cpu", bf16=False
+            )
         baseline = "1 thread(s)"
     for label, rate in rows.items():
         print(f"  {label:<14} {rate:9.1f} images/s   x{rate / rows[baseline]:.2f}")

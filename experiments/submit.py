@@ -10,7 +10,7 @@ the running cluster (`ray.init(address="auto")`), so the trials run on the GPU w
 import os
 import sys
 
-from ratatouille.cli import main
+from ratatouille.cli.main import main
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_ADDRESS", "auto")

@@ -1,2 +1,3 @@
 """Model ratatouille: recycled auxiliary fine-tunings, averaged."""
+
 __version__ = "0.1.0"

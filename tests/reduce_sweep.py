@@ -4,7 +4,7 @@
 BN-MLP featurizer inside the project's ``Classifier``; ``phi_pt`` at random, three auxiliary
 featurizers fine-tuned on other label maps, a linear probe ``w_lp``, then 13 short target
 fine-tunings in the four arms. The ``hand_*`` references use plain forward passes (no
-``predict_logits``) and plain loops over state dicts (no ``ratatouille.soups``).
+``predict_logits``) and plain loops over state dicts (no ``ratatouille.merging.soups``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from ratatouille.models import Classifier, freeze_bn, join_state
-from ratatouille.reduce import ReduceInputs, ReduceSettings, TargetRun
-from ratatouille.train import predict_logits
+from ratatouille.engine.models import Classifier, freeze_bn, join_state
+from ratatouille.engine.train import predict_logits
+from ratatouille.reducer.reduce import ReduceInputs, ReduceSettings, TargetRun
 
 DIM, CLASSES, WIDTH = 24, 3, 8
 State = dict[str, torch.Tensor]
@@ -82,9 +82,9 @@ def hand_logits(state: State, x: torch.Tensor) -> torch.Tensor:
 
 def hand_acc(state: State, domains) -> float:
     """Mean over domains of the accuracy, from a plain forward pass."""
-    return float(np.mean([
-        (hand_logits(state, x).argmax(1) == y).double().mean().item() for x, y in domains
-    ]))
+    return float(
+        np.mean([(hand_logits(state, x).argmax(1) == y).double().mean().item() for x, y in domains])
+    )
 
 
 def hand_average(states: list[State], weights: list[float] | None = None) -> State:
@@ -99,7 +99,7 @@ def hand_average(states: list[State], weights: list[float] | None = None) -> Sta
 
 
 def _strip(state: State, prefix: str) -> State:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def build_sweep() -> dict[str, Any]:
@@ -110,8 +110,9 @@ def build_sweep() -> dict[str, Any]:
     pool = {}
     for name, protos, seed in zip(("aux_a", "aux_b", "aux_c"), aux_protos, (11, 12, 13)):
         gen = torch.Generator().manual_seed(seed)
-        aux_data = [(protos[y] + 0.5 * torch.randn(len(y), DIM, generator=gen), y)
-                    for _, y in train]
+        aux_data = [
+            (protos[y] + 0.5 * torch.randn(len(y), DIM, generator=gen), y) for _, y in train
+        ]
         pool[name] = _strip(_train(pt, aux_data, 25, 0.03, seed), "featurizer.")
     inits = {n: {**pt_lp, **join_state(f, w_lp)} for n, f in pool.items()}
     inits["pretrained"] = pt_lp
@@ -121,23 +122,27 @@ def build_sweep() -> dict[str, Any]:
         [("soups", "pretrained", pt_lp)] * 3
         + [("ratatouille", s, inits[s]) for s in ("pretrained", "aux_a", "aux_b", "aux_c", "aux_a")]
         + [("fusing", "fusing", fused)] * 2
-        + [("robust_ratatouille", "pretrained", pt_lp),
-           ("robust_ratatouille", "aux_a", robust["aux_a"]),
-           ("robust_ratatouille", "aux_b", robust["aux_b"])]
+        + [
+            ("robust_ratatouille", "pretrained", pt_lp),
+            ("robust_ratatouille", "aux_a", robust["aux_a"]),
+            ("robust_ratatouille", "aux_b", robust["aux_b"]),
+        ]
     )
     states, meta = {}, []
     for k, (arm, source, init) in enumerate(plan):
         run_id = f"{arm[:4]}{k:02d}"
         states[run_id] = _train(init, train, 12 + 3 * (k % 4), (0.004, 0.01, 0.02)[k % 3], 100 + k)
         meta.append((run_id, arm, source))
-    return dict(train=train, val=val, ood=ood, pt_lp=pt_lp, w_lp=w_lp, pool=pool, states=states,
-                meta=meta)
+    return dict(
+        train=train, val=val, ood=ood, pt_lp=pt_lp, w_lp=w_lp, pool=pool, states=states, meta=meta
+    )
 
 
 def runs_of(sweep: dict[str, Any], arm: str) -> list[tuple[str, State, str]]:
     """(run_id, state, init_source) of an arm's runs, in sweep order."""
-    return [(run_id, sweep["states"][run_id], source)
-            for run_id, a, source in sweep["meta"] if a == arm]
+    return [
+        (run_id, sweep["states"][run_id], source) for run_id, a, source in sweep["meta"] if a == arm
+    ]
 
 
 class SpyDataset(Dataset):
@@ -173,25 +178,41 @@ def _loader(run_id: str, state: State, loads: dict[str, int], alive: list[int]) 
     return load
 
 
-def make_inputs(sweep: dict[str, Any], *, ood_labels: torch.Tensor | None = None,
-                log: list | None = None, loads: dict | None = None,
-                settings: ReduceSettings | None = None, predict=None) -> ReduceInputs:
+def make_inputs(
+    sweep: dict[str, Any],
+    *,
+    ood_labels: torch.Tensor | None = None,
+    log: list | None = None,
+    loads: dict | None = None,
+    settings: ReduceSettings | None = None,
+    predict=None,
+) -> ReduceInputs:
     """ReduceInputs over the sweep; ``log`` records split reads, ``loads`` counts state loads
     per run (and ``loads["peak_alive"]``, the most run states alive at once)."""
     log = [] if log is None else log
     loads = {} if loads is None else loads
     alive = [0]
     runs = [
-        TargetRun(run_id, arm, source, hand_acc(sweep["states"][run_id], sweep["val"]),
-                  _loader(run_id, sweep["states"][run_id], loads, alive), {})
+        TargetRun(
+            run_id,
+            arm,
+            source,
+            hand_acc(sweep["states"][run_id], sweep["val"]),
+            _loader(run_id, sweep["states"][run_id], loads, alive),
+            {},
+        )
         for run_id, arm, source in sweep["meta"]
     ]
     ood_x, ood_y = sweep["ood"]
     return ReduceInputs(
-        test_domain="d2", split_seed=0, runs=runs, build_model=build_model,
+        test_domain="d2",
+        split_seed=0,
+        runs=runs,
+        build_model=build_model,
         id_val=[SpyDataset(x, y, "id_val", log) for x, y in sweep["val"]],
         ood_test=[SpyDataset(ood_x, ood_y if ood_labels is None else ood_labels, "ood_test", log)],
-        init_state=sweep["pt_lp"], w_lp=sweep["w_lp"],
+        init_state=sweep["pt_lp"],
+        w_lp=sweep["w_lp"],
         pool_featurizers={n: (lambda f=f: dict(f)) for n, f in sweep["pool"].items()},
         settings=settings or ReduceSettings(ablation_draws=3, max_pairs=6),
         predict=predict or predict_logits,

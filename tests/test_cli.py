@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from pathlib import Path
-
-from ratatouille.cli import main
-from ratatouille.models import create_featurizer
+from ratatouille.cli.main import main
+from ratatouille.engine.models import create_featurizer
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -42,8 +42,12 @@ def test_plan_counts_trials_and_steps_of_the_quickstart(capsys):
     code, out, _ = _run(capsys, "plan", str(EXPERIMENTS / "quickstart.yaml"))
     assert code == 0
     # 1 T0 pre-training, 3 auxiliary tasks, 1 probe, 3 arms x 8 runs on one test domain.
-    assert _plan_rows(out) == {"pretrain": (1, 800), "aux": (3, 900), "probe": (1, 300),
-                               "target": (24, 24 * 400)}
+    assert _plan_rows(out) == {
+        "pretrain": (1, 800),
+        "aux": (3, 900),
+        "probe": (1, 300),
+        "target": (24, 24 * 400),
+    }
     assert "GPU-hours" in out
 
 
@@ -58,16 +62,32 @@ def test_plan_of_a_domainbed_config_follows_table_1_protocol(capsys):
 
 
 def test_overrides_for_quick_tries(capsys):
-    code, out, err = _run(capsys, "plan", str(EXPERIMENTS / "domainbed" / "pacs.yaml"), "--steps", "10",
-                          "--n-runs", "2", "--test-env", "sketch", "--test-env", "0")
+    code, out, err = _run(
+        capsys,
+        "plan",
+        str(EXPERIMENTS / "domainbed" / "pacs.yaml"),
+        "--steps",
+        "10",
+        "--n-runs",
+        "2",
+        "--test-env",
+        "sketch",
+        "--test-env",
+        "0",
+    )
     assert code == 0
     rows = _plan_rows(out)
-    assert rows["target"] == (2 * 3 * 3 * 2, 2 * 3 * 3 * 2 * 10)  # 2 domains x 3 splits x 3 arms x 2
+    assert rows["target"] == (
+        2 * 3 * 3 * 2,
+        2 * 3 * 3 * 2 * 10,
+    )  # 2 domains x 3 splits x 3 arms x 2
     assert "featurizer freeze shortened" in err
 
 
 def test_unknown_test_env_is_a_clear_error(capsys):
-    code, _, err = _run(capsys, "plan", str(EXPERIMENTS / "quickstart.yaml"), "--test-env", "sketch")
+    code, _, err = _run(
+        capsys, "plan", str(EXPERIMENTS / "quickstart.yaml"), "--test-env", "sketch"
+    )
     assert code == 2 and "sketch" in err and "rot30" in err
 
 
@@ -75,8 +95,18 @@ def test_pool_commands_import_list_verify(tmp_path, capsys):
     weights = tmp_path / "phi.safetensors"
     save_file(create_featurizer("test_resnet").state_dict(), str(weights))
     pool = str(tmp_path / "pool")
-    code, out, _ = _run(capsys, "pool", "import", str(weights), "--pool", pool, "--name", "mine",
-                        "--arch", "test_resnet")
+    code, out, _ = _run(
+        capsys,
+        "pool",
+        "import",
+        str(weights),
+        "--pool",
+        pool,
+        "--name",
+        "mine",
+        "--arch",
+        "test_resnet",
+    )
     assert code == 0
     code, out, _ = _run(capsys, "pool", "list", "--pool", pool)
     assert code == 0 and "mine" in out and "test_resnet" in out
@@ -90,8 +120,18 @@ def test_pool_commands_import_list_verify(tmp_path, capsys):
 def test_pickle_import_refused_without_trust(tmp_path, capsys):
     weights = tmp_path / "phi.pt"
     torch.save(create_featurizer("test_resnet").state_dict(), weights)
-    code, _, err = _run(capsys, "pool", "import", str(weights), "--pool", str(tmp_path / "p"),
-                        "--name", "x", "--arch", "test_resnet")
+    code, _, err = _run(
+        capsys,
+        "pool",
+        "import",
+        str(weights),
+        "--pool",
+        str(tmp_path / "p"),
+        "--name",
+        "x",
+        "--arch",
+        "test_resnet",
+    )
     assert code == 2 and "--trust-pickle" in err
 
 
@@ -101,10 +141,17 @@ def test_report_without_any_run_says_what_to_do(tmp_path, capsys, monkeypatch):
     assert code == 2 and "ratatouille run" in err
 
 
-@pytest.mark.parametrize("config", [str(EXPERIMENTS / "quickstart.yaml"), str(EXPERIMENTS / "domainbed" / "pacs.yaml"),
-                                    str(EXPERIMENTS / "domainbed" / "vlcs.yaml"), str(EXPERIMENTS / "domainbed" / "office_home.yaml"),
-                                    str(EXPERIMENTS / "domainbed" / "terra_incognita.yaml"),
-                                    str(EXPERIMENTS / "domainbed" / "domain_net.yaml")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        str(EXPERIMENTS / "quickstart.yaml"),
+        str(EXPERIMENTS / "domainbed" / "pacs.yaml"),
+        str(EXPERIMENTS / "domainbed" / "vlcs.yaml"),
+        str(EXPERIMENTS / "domainbed" / "office_home.yaml"),
+        str(EXPERIMENTS / "domainbed" / "terra_incognita.yaml"),
+        str(EXPERIMENTS / "domainbed" / "domain_net.yaml"),
+    ],
+)
 def test_shipped_configs_are_valid(config, capsys):
     assert _run(capsys, "plan", config)[0] == 0
 
@@ -112,8 +159,97 @@ def test_shipped_configs_are_valid(config, capsys):
 def test_missing_domainbed_folder_fails_before_anything_starts(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    code, _, err = _run(capsys, "run", str(EXPERIMENTS / "domainbed" / "pacs.yaml"),
-                        "--data-root", str(tmp_path / "data"))
+    code, _, err = _run(
+        capsys,
+        "run",
+        str(EXPERIMENTS / "domainbed" / "pacs.yaml"),
+        "--data-root",
+        str(tmp_path / "data"),
+    )
     assert code == 2
     assert str(tmp_path / "data") in err and "download" in err.lower()
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, no Ray: nothing half-started
+
+
+def _write_config(tmp_path, **sections):
+    import yaml
+
+    from tiny import TINY
+
+    raw = {
+        **TINY,
+        "tracking": {
+            "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "storage_path": str(tmp_path / "ray_results"),
+        },
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("sections", "names"),
+    [
+        ({"model": {"arch": "resnet5O"}}, ["model.arch 'resnet5O'", "resnet50"]),
+        (
+            {"model": {"init": "file", "weights_file": "/nowhere/phi.safetensors"}},
+            ["/nowhere/phi.safetensors", "does not exist"],
+        ),
+        ({"model": {"init": "file", "weights_file": "phi.pth"}}, ["phi.pth", ".safetensors"]),
+        ({"data": {"dataset": "pacs"}}, ["data.dataset", "'pacs'"]),
+        (
+            {"aux": {"tasks": ["digits_aux_flipped", "digits_aux_blurred"]}},
+            ["aux.tasks", "'digits_aux_blurred'"],
+        ),
+        ({"pretrain": {"task": "imagenet"}}, ["pretrain.task", "'imagenet'"]),
+        ({"data": {"test_envs": ["rot45"]}}, ["'rot45'", "rot30"]),
+        ({"target": {"hparams_override": {"momentum": [0.9]}}}, ["'momentum'"]),
+    ],
+)
+def test_bad_input_stops_before_ray_or_mlflow_start(tmp_path, capsys, sections, names):
+    code, _out, err = _run(capsys, "run", str(_write_config(tmp_path, **sections)))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(name in lines[0] for name in names), lines[0]
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow store, experiment or parent run
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_an_arch_typo_never_starts_ray_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    path = _write_config(tmp_path, model={"arch": "resnet5O"})
+    result = subprocess.run(
+        [sys.executable, "-m", "ratatouille.cli.main", "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    # the run prints "ray: ..." once Ray is attached or started; nothing but the error here
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: model.arch 'resnet5O'")
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_pool_commands_share_the_cli_error_handler(tmp_path, capsys):
+    code, _, err = _run(
+        capsys,
+        "pool",
+        "import",
+        str(tmp_path / "w.bin"),
+        "--pool",
+        str(tmp_path / "pool"),
+        "--name",
+        "a",
+        "--arch",
+        "test_resnet",
+    )
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1

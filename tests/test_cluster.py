@@ -19,8 +19,13 @@ def test_sweep_on_two_nodes_places_gpu_trials_on_the_gpu_worker(tmp_path):
     script = Path(__file__).with_name("two_node_sweep.py")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
-                          text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     stages = Counter(stage for stage, _, _ in summary["placements"])

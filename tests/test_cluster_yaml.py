@@ -1,10 +1,11 @@
-"""cluster.yaml: valid for Ray's own cluster-launcher schema, and wired the way the product needs."""
+"""cluster.yaml: valid for Ray's own cluster-launcher schema, wired the way the product needs."""
 
 from __future__ import annotations
 
 import copy
-import re
+import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -82,17 +83,19 @@ def test_setup_commands_install_the_package_from_the_mount(cluster, pyproject):
     root, extra = re.fullmatch(r"(.+)\[(\w+)\]", target).groups()
     assert home(root) == REMOTE_ROOT
     assert extra in pyproject["project"]["optional-dependencies"]
-    assert any(dep.startswith("boto3") for dep in pyproject["project"]["optional-dependencies"][extra])
+    assert any(
+        dep.startswith("boto3") for dep in pyproject["project"]["optional-dependencies"][extra]
+    )
     # installed into the venv that every node's shell (and so `ray start`) activates
     python = args[args.index("--python") + 1]
     venv = home(python).removesuffix("/bin/python")
-    assert any(f'{venv.replace("~", "$HOME")}/bin/activate' in c for c in cluster["setup_commands"])
+    assert any(f"{venv.replace('~', '$HOME')}/bin/activate" in c for c in cluster["setup_commands"])
 
 
 def test_head_runs_mlflow_server_with_database_backend_and_s3_artifacts(cluster):
     (command,) = [c for c in head_commands(cluster) if "mlflow server" in c]
     args = shlex.split(command)
-    options = dict(zip(args, args[1:]))
+    options = dict(itertools.pairwise(args))
     assert re.match(r"(sqlite|postgresql|mysql)[a-z+]*://", options["--backend-store-uri"])
     assert options["--artifacts-destination"].startswith("s3://")
     assert options["--host"] == "0.0.0.0"
@@ -135,9 +138,13 @@ def test_cluster_experiment_configs_point_at_this_cluster(cluster):
     data_dir = shlex.split(synced[0])[4]
     configs = sorted((REPO / "experiments").rglob("*.yaml"))
     on_cluster = [
-        (path, cfg) for path in configs
-        if str(((cfg := yaml.safe_load(path.read_text())).get("tracking") or {}).get("storage_path", "")
-               ).startswith("s3://")
+        (path, cfg)
+        for path in configs
+        if str(
+            ((cfg := yaml.safe_load(path.read_text())).get("tracking") or {}).get(
+                "storage_path", ""
+            )
+        ).startswith("s3://")
     ]
     assert on_cluster, "no experiment config targets the cluster (tracking.storage_path: s3://...)"
     for path, cfg in on_cluster:
@@ -148,8 +155,14 @@ def test_cluster_experiment_configs_point_at_this_cluster(cluster):
         assert home(tracking["pool_path"]) in " ".join(cluster["head_setup_commands"]), path
 
 
-COMMAND_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands",
-                 "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+COMMAND_LISTS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
 
 
 def test_every_command_is_valid_bash(cluster):
@@ -168,6 +181,9 @@ def test_environment_file_is_sourced_once_by_bashrc_and_exports_the_bucket(clust
     assert (tmp_path / ".bashrc").read_text().count(".ratatouille_env") == 1
     shown = subprocess.run(
         ["bash", "-c", ". ~/.bashrc; echo $RATATOUILLE_BUCKET $AWS_DEFAULT_REGION"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert shown == [env_exports(cluster)["RATATOUILLE_BUCKET"], cluster["provider"]["region"]]

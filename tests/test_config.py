@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from ratatouille.config import ConfigError, load_config, parse_config
+from ratatouille.core.config import ConfigError, load_config, parse_config
 
 MINIMAL = {"name": "exp", "data": {"dataset": "digits"}, "aux": {"tasks": ["digits_aux_a"]}}
 
@@ -24,12 +24,15 @@ def test_minimal_config_fills_paper_defaults():
 
 
 def test_unknown_key_names_its_path(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
         name: exp
         data: {dataset: digits}
         aux: {tasks: [digits_aux_a]}
         target: {n_run: 3}
-    """)
+    """,
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)

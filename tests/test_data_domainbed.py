@@ -27,8 +27,14 @@ def _colour(domain: int, cls: int, k: int) -> tuple[int, int, int]:
     return (20 + 40 * domain, 20 + 30 * cls, 20 + 50 * k)
 
 
-def _write_tree(root: Path, folder: str, domains: list[str], classes: list[str],
-                per_class: int = 2, skip: tuple[str, str] | None = None) -> None:
+def _write_tree(
+    root: Path,
+    folder: str,
+    domains: list[str],
+    classes: list[str],
+    per_class: int = 2,
+    skip: tuple[str, str] | None = None,
+) -> None:
     for d, domain in enumerate(domains):
         for c, cls in enumerate(classes):
             if skip == (domain, cls):
@@ -42,7 +48,7 @@ def _write_tree(root: Path, folder: str, domains: list[str], classes: list[str],
 def _decode(image: torch.Tensor) -> tuple[int, int, int]:
     """The solid colour of an eval-transformed image, back in 0..255."""
     rgb = (image * STD + MEAN).mean(dim=(1, 2)) * 255
-    return tuple(int(round(v)) for v in rgb.tolist())
+    return tuple(round(v) for v in rgb.tolist())
 
 
 def test_pacs_tree_loads_sorted_domains_and_labels_items_by_class_folder(tmp_path: Path) -> None:
@@ -95,10 +101,14 @@ def test_every_domainbed_dataset_declares_the_download_script_folders() -> None:
         "PACS": ("PACS", ("art_painting", "cartoon", "photo", "sketch")),
         "VLCS": ("VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007")),
         "OfficeHome": ("office_home", ("Art", "Clipart", "Product", "Real World")),
-        "TerraIncognita": ("terra_incognita",
-                           ("location_100", "location_38", "location_43", "location_46")),
-        "DomainNet": ("domain_net",
-                      ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")),
+        "TerraIncognita": (
+            "terra_incognita",
+            ("location_100", "location_38", "location_43", "location_46"),
+        ),
+        "DomainNet": (
+            "domain_net",
+            ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+        ),
     }
     assert {n: (c.FOLDER, c.ENVIRONMENTS) for n, c in DOMAINBED_DATASETS.items()} == expected
     for _, envs in expected.values():
@@ -153,7 +163,9 @@ def test_train_transform_crops_to_size_and_is_random_under_torch_rng() -> None:
 
 
 def test_train_flag_augments_only_when_dataset_built_with_augment(tmp_path: Path) -> None:
-    _write_tree(tmp_path, "PACS", ["art_painting", "cartoon", "photo", "sketch"], ["dog"], per_class=1)
+    _write_tree(
+        tmp_path, "PACS", ["art_painting", "cartoon", "photo", "sketch"], ["dog"], per_class=1
+    )
     plain = get_dataset("PACS", tmp_path, image_size=8, augment=False)
     assert torch.equal(plain.domain(0, train=True)[0][0], plain.domain(0, train=False)[0][0])
 

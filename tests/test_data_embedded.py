@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,7 @@ from ratatouille.data import (
     get_dataset,
     target_splits,
 )
-from ratatouille.data.digits import build_style_domains
+from ratatouille.data.digits import base_images, build_style_domains
 
 DIGITS = load_digits()
 
@@ -71,8 +69,13 @@ def test_labels_are_sklearn_digits_and_t0_labels_are_digit_mod_5() -> None:
 
 def test_no_target_image_is_seen_by_pretraining_or_auxiliary_tasks() -> None:
     target_domains = [_sources(EMBEDDED_TARGET, seed) for seed in (0, 1)]
-    others = set().union(*(_sources(n, seed) for n in (EMBEDDED_PRETRAIN_TASK, *EMBEDDED_AUX_TASKS)
-                           for seed in (0, 1)))
+    others = set().union(
+        *(
+            _sources(n, seed)
+            for n in (EMBEDDED_PRETRAIN_TASK, *EMBEDDED_AUX_TASKS)
+            for seed in (0, 1)
+        )
+    )
     for sources in target_domains:
         assert len(sources) == 1200 and not sources & others
     assert len(others) == 1797 - 1200
@@ -83,9 +86,10 @@ def test_no_target_image_is_seen_by_pretraining_or_auxiliary_tasks() -> None:
     uninverted = 1.0 - _pixels01(target.style_domain(0).images[:, 0]).flatten(1)
     clean = _pixels01(t0.style_domain(0).images[:, 0]).flatten(1)
     assert torch.cdist(uninverted, clean).min() > 0.1
-    # ...and it does match its own clean rendering, so the check can see a leak.
-    own = _pixels01(t0.style_domain(0).images[:, 0]).flatten(1)
-    assert torch.cdist(own, clean).min() == 0
+    # Control: the same measure finds the un-inverted images at distance 0 from a clean
+    # rendering of their own source digits, so it would see a target image among T0's.
+    own = base_images(target.style_domain(0).source_index.numpy())[:, 0].flatten(1)
+    assert torch.cdist(uninverted, own).diagonal().max() < 0.01  # normalisation rounding only
 
 
 def test_target_domains_are_disjoint_and_dealt_by_seed() -> None:
@@ -121,15 +125,19 @@ def test_styles_do_what_their_names_say() -> None:
     noisy = _pixels01(target.style_domain(1).images)
     # the noisy background is coloured and bright; the other domains are grey.
     assert (noisy[:, 0] - noisy[:, 1]).abs().mean() > 0.05
-    assert _pixels01(target.style_domain(0).images)[:, :, 0, 0].mean() > 0.9  # inverted: white corners
+    assert (
+        _pixels01(target.style_domain(0).images)[:, :, 0, 0].mean() > 0.9
+    )  # inverted: white corners
 
 
 def test_repeated_get_dataset_is_cached_and_cheap() -> None:
     get_dataset(EMBEDDED_TARGET, seed=11)
-    start = time.perf_counter()
+    builds = build_style_domains.cache_info().misses
     again = get_dataset(EMBEDDED_TARGET, seed=11)
-    assert time.perf_counter() - start < 0.05
-    assert again.style_domain(0).images is get_dataset(EMBEDDED_TARGET, seed=11).style_domain(0).images
+    assert build_style_domains.cache_info().misses == builds  # served from the cache, not rebuilt
+    assert (
+        again.style_domain(0).images is get_dataset(EMBEDDED_TARGET, seed=11).style_domain(0).images
+    )
 
 
 def test_items_are_copies_so_in_place_edits_do_not_corrupt_the_cache() -> None:

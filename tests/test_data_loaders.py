@@ -11,7 +11,8 @@ from ratatouille.data import DataError, InfiniteLoader, TensorDomain, eval_loade
 
 
 def _noisy_items(n: int) -> TensorDomain:
-    """Item ``i`` holds ``i`` in its first pixel; the "augmentation" adds torch-RNG noise elsewhere."""
+    """Item ``i`` holds ``i`` in its first pixel; the "augmentation" adds torch-RNG noise
+    elsewhere."""
     images = torch.zeros(n, 1, 2, 2)
     images[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
 

@@ -28,7 +28,7 @@ class ToyDomains(MultiDomainDataset):
 
     ENVIRONMENTS = ("alpha", "beta", "gamma", "delta")
     name = "Toy"
-    classes = ["a", "b", "c"]
+    classes = ("a", "b", "c")
     input_shape = (1, 1, 1)
 
     def domain_size(self, index: int) -> int:
@@ -37,8 +37,9 @@ class ToyDomains(MultiDomainDataset):
     def _domain_items(self, index: int, train: bool) -> Dataset:
         n = SIZES[index]
         images = (1000.0 * index + torch.arange(n, dtype=torch.float32)).view(n, 1, 1, 1)
-        return TensorDomain(images, torch.arange(n) % 3,
-                            (lambda x: x + TRAIN_OFFSET) if train else None)
+        return TensorDomain(
+            images, torch.arange(n) % 3, (lambda x: x + TRAIN_OFFSET) if train else None
+        )
 
 
 def _values(dataset: Dataset) -> list[float]:

@@ -22,7 +22,9 @@ def test_affine_flip_and_quarter_turn_match_tensor_ops() -> None:
     image = torch.rand(3, 7, 7)
     assert torch.allclose(affine(image, flip=True), image.flip(-1), atol=1e-5)
     # Positive angles turn the content clockwise on screen (rows grow downwards).
-    assert torch.allclose(affine(image, angle_deg=90.0), torch.rot90(image, -1, dims=(1, 2)), atol=1e-5)
+    assert torch.allclose(
+        affine(image, angle_deg=90.0), torch.rot90(image, -1, dims=(1, 2)), atol=1e-5
+    )
 
 
 def test_affine_takes_one_translation_per_image_of_a_batch() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ratatouille.diversity import (
+from ratatouille.merging.diversity import (
     mean_pairwise,
     pair_mask,
     pairwise_diversity,

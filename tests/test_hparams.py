@@ -7,31 +7,24 @@ import hashlib
 import numpy as np
 import pytest
 
-from ratatouille.hparams import (
+from ratatouille.engine.hparams import (
     HPARAMS,
     dataset_schedule,
     default_hparams,
     random_hparams,
-    run_seed,
-    sample_hparams,
 )
 
 SEEDS = range(1, 201)
 
 
 def _md5_seed(*args: object) -> int:
-    # DomainBed's misc.seed_hash, written out here so the test does not trust ratatouille.seeding
+    # DomainBed's misc.seed_hash, written out so the test does not trust ratatouille.core.seeding
     return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
 
 
 def test_defaults_are_table_3_defaults() -> None:
     assert default_hparams() == {"lr": 5e-5, "batch_size": 32, "dropout": 0.0, "weight_decay": 0.0}
     assert set(HPARAMS) == {"lr", "batch_size", "dropout", "weight_decay"}
-
-
-def test_hparams_seed_zero_means_defaults() -> None:
-    for distribution in ("mild", "domainbed"):
-        assert sample_hparams(distribution, 0) == default_hparams()
 
 
 def test_mild_samples_only_take_table_3_grid_values() -> None:
@@ -59,16 +52,18 @@ def test_domainbed_samples_stay_within_table_3_ranges() -> None:
 def test_same_seed_gives_same_values_and_other_seeds_differ() -> None:
     assert random_hparams("domainbed", 7) == random_hparams("domainbed", 7)
     assert random_hparams("domainbed", 7) != random_hparams("domainbed", 8)
-    assert sample_hparams("mild", 3, trial_seed=1) == sample_hparams("mild", 3, trial_seed=1)
 
 
 def test_each_hparam_is_drawn_from_its_own_seeded_random_state() -> None:
     seed = 12345
     expected = {
         "lr": 10 ** np.random.RandomState(_md5_seed(seed, "lr")).uniform(-5, -3.5),
-        "batch_size": int(2 ** np.random.RandomState(_md5_seed(seed, "batch_size")).uniform(3, 5.5)),
+        "batch_size": int(
+            2 ** np.random.RandomState(_md5_seed(seed, "batch_size")).uniform(3, 5.5)
+        ),
         "dropout": np.random.RandomState(_md5_seed(seed, "dropout")).choice([0.0, 0.1, 0.5]),
-        "weight_decay": 10 ** np.random.RandomState(_md5_seed(seed, "weight_decay")).uniform(-6, -2),
+        "weight_decay": 10
+        ** np.random.RandomState(_md5_seed(seed, "weight_decay")).uniform(-6, -2),
     }
     assert random_hparams("domainbed", seed) == pytest.approx(expected, rel=1e-12)
     mild = {
@@ -78,12 +73,6 @@ def test_each_hparam_is_drawn_from_its_own_seeded_random_state() -> None:
         "weight_decay": np.random.RandomState(_md5_seed(seed, "weight_decay")).choice([1e-6, 1e-4]),
     }
     assert random_hparams("mild", seed) == mild
-
-
-def test_sample_hparams_hashes_hparams_seed_with_trial_seed_like_domainbed() -> None:
-    assert sample_hparams("domainbed", 5, trial_seed=2) == random_hparams(
-        "domainbed", _md5_seed(5, 2)
-    )
 
 
 def test_override_replaces_the_grid_and_leaves_other_hparams_alone() -> None:
@@ -108,10 +97,11 @@ def test_sampled_values_are_python_scalars() -> None:
     ("call", "match"),
     [
         (lambda: random_hparams("wild", 1), "unknown hyperparameter distribution"),
-        (lambda: random_hparams("mild", 1, overrides={"momentum": [0.9]}), "unknown hyperparameter 'momentum'"),
+        (
+            lambda: random_hparams("mild", 1, overrides={"momentum": [0.9]}),
+            "unknown hyperparameter 'momentum'",
+        ),
         (lambda: random_hparams("mild", 1, overrides={"lr": []}), "non-empty list"),
-        (lambda: sample_hparams("mild", -1), "hparams_seed must be >= 0"),
-        (lambda: run_seed(), "identity"),
     ],
 )
 def test_bad_input_raises_one_clear_value_error(call, match: str) -> None:
@@ -132,9 +122,3 @@ def test_bad_input_raises_one_clear_value_error(call, match: str) -> None:
 )
 def test_dataset_schedule_follows_paper_f1(dataset: str, schedule: tuple[int, int]) -> None:
     assert dataset_schedule(dataset) == schedule
-
-
-def test_run_seed_hashes_the_run_identity() -> None:
-    identity = ("PACS", "ratatouille", (0,), 3, 1)
-    assert run_seed(*identity) == _md5_seed(*identity)
-    assert run_seed("PACS", "soups", (0,), 3, 1) != run_seed(*identity)

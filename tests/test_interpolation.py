@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ratatouille.interpolation import (
+from ratatouille.merging.interpolation import (
     DEFAULT_LAMBDAS,
     InterpolationCurve,
     interpolation_curve,

@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ratatouille.models import (
+from ratatouille.engine.models import (
     Classifier,
+    ModelConfigError,
     PretrainedWeightsUnavailable,
     build_classifier,
     create_featurizer,
@@ -32,13 +33,20 @@ torch.set_num_threads(1)
 
 
 def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if "running_" in k or "num_batches_tracked" in k}
+    return {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if "running_" in k or "num_batches_tracked" in k
+    }
 
 
 def _bn_affine(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for m_name, m in model.named_modules() if isinstance(m, _BatchNorm)
-            for n, p in m.named_parameters(prefix=m_name)}
+    return {
+        n: p.detach().clone()
+        for m_name, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+        for n, p in m.named_parameters(prefix=m_name)
+    }
 
 
 def _train_a_few_steps(model: nn.Module, steps: int = 3) -> None:
@@ -100,7 +108,11 @@ def test_classifier_is_head_after_dropout_after_featurizer() -> None:
     model = build_classifier(ARCH, NUM_CLASSES, dropout=0.5, seed=0)
     assert isinstance(model.dropout, nn.Dropout) and model.dropout.p == 0.5
     reference = timm.create_model(ARCH, num_classes=0).eval()
-    assert feature_dim(model) == reference(torch.randn(1, 3, 16, 16)).shape[1] == model.head.in_features
+    assert (
+        feature_dim(model)
+        == reference(torch.randn(1, 3, 16, 16)).shape[1]
+        == model.head.in_features
+    )
     x = torch.randn(6, 3, 16, 16)
     model.train()
     torch.manual_seed(3)
@@ -186,13 +198,13 @@ def test_bad_weight_files_raise_clear_errors(tmp_path) -> None:
     torch.save({}, pickled)
     with pytest.raises(ValueError, match="not a .safetensors file"):
         create_featurizer(ARCH, str(pickled))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ModelConfigError, match="does not exist"):
         create_featurizer(ARCH, str(tmp_path / "missing.safetensors"))
     wrong = tmp_path / "other_arch.safetensors"
     save_file(timm.create_model("test_efficientnet", num_classes=0).state_dict(), str(wrong))
     with pytest.raises(ValueError, match="model.arch"):
         create_featurizer(ARCH, str(wrong))
-    with pytest.raises(ValueError, match="unknown timm architecture 'resnet_9000'"):
+    with pytest.raises(ModelConfigError, match="'resnet_9000' is not a timm architecture"):
         create_featurizer("resnet_9000")
     with pytest.raises(ValueError, match="not both"):
         create_featurizer(ARCH, str(wrong), pretrained_hub=True)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from collections import Counter
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -10,39 +14,85 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ratatouille.pipeline import pool_path, run_pipeline
-from ratatouille.pool import Pool
-from ratatouille.reporting import reduce_latest
-from ratatouille.cli import main
+from ratatouille.cli.main import main
+from ratatouille.core.names import FUSING, PRETRAINED
 from ratatouille.data import get_dataset, target_splits
-from ratatouille.train import evaluate_accuracy
-from ratatouille.sweep import FUSING, PRETRAINED, aux_entry_name, robust_name
+from ratatouille.engine.train import evaluate_accuracy
+from ratatouille.orchestration.pipeline import pool_path, reduce_latest, run_pipeline
+from ratatouille.pool.store import Pool
+from ratatouille.recipe.sweep import aux_entry_name, robust_name
 from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
 
-STRATEGIES = ("erm", "inter_training", "fusing", "ensemble_soups", "ensemble_ratatouille",
-              "soup_uniform", "soup_greedy", "ratatouille_uniform", "ratatouille_greedy", "wise_ft",
-              "robust_inter_training", "robust_ratatouille_uniform", "robust_ratatouille_greedy")
+STRATEGIES = (
+    "erm",
+    "inter_training",
+    "fusing",
+    "ensemble_soups",
+    "ensemble_ratatouille",
+    "soup_uniform",
+    "soup_greedy",
+    "ratatouille_uniform",
+    "ratatouille_greedy",
+    "wise_ft",
+    "robust_inter_training",
+    "robust_ratatouille_uniform",
+    "robust_ratatouille_greedy",
+)
 ARMS = ["soups", "ratatouille", "fusing", "robust_ratatouille"]
 ROBUST = {"robust": True}
 TARGET_STEPS = (0, 3, 6, 9, 11)  # every checkpoint_freq=3 steps of 12, and the last one
+
+
+PRINTED: dict[str, str] = {}  # what the module's sweep printed on stdout (Tune's tables)
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     config = tiny_config(root, aux=ROBUST, target={"arms": ARMS})
-    outcome = run_pipeline(config)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        outcome = run_pipeline(config)
+    PRINTED["stdout"] = printed.getvalue()
     client = MlflowClient(config.tracking.mlflow_uri)
     return config, outcome, client
 
 
+def test_tune_progress_table_shows_readable_trial_fields(sweep):
+    tables = PRINTED["stdout"]
+    # the target stage's last table: its trials' fields, then their progress
+    header = [line for line in tables.splitlines() if "init source" in line][-1]
+    columns = ("arm", "test domain", "run", "init source", "lr", "best ID-val acc")
+    assert all(column in header for column in columns), header
+    rows = [line for line in tables.splitlines() if "target_ratatouille_rot30_0" in line]
+    assert "PENDING" in rows[0] and "TERMINATED" in rows[-1] and "rot30" in rows[-1]
+    assert "{'" not in tables  # no spec printed as one dict blob
+
+
+def test_tune_result_files_hold_each_spec_field_as_a_column(sweep):
+    from ray.tune import ExperimentAnalysis
+
+    config, outcome, client = sweep
+    run_dir = client.get_run(outcome.parent_run_id).data.tags["ratatouille.run_dir"]
+    frame = ExperimentAnalysis(str(Path(run_dir, "target"))).dataframe()
+    expected = {"arm", "run", "init_source", "test_domain", "split_seed", "lr", "batch_size"}
+    assert {f"config/spec/{field}" for field in expected} <= set(frame.columns)
+    assert f"config/spec/fusing/{PRETRAINED}" in frame.columns  # the mixture, one per source
+    fusing = frame[frame["config/spec/arm"] == "fusing"]
+    assert set(fusing["config/spec/init_source"]) == {FUSING} and len(fusing) == 3
+    (params,) = Path(run_dir, "target").glob("target_soups_rot30_0_*/params.json")
+    assert json.loads(params.read_text())["spec"]["init_source"] == PRETRAINED
+
+
 def _children(client, outcome, role):
     experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id],
-                              f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'",
-                              max_results=1000)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'",
+        max_results=1000,
+    )
     return [run for run in runs if run.data.tags.get("ratatouille.role") == role]
 
 
@@ -51,7 +101,7 @@ def _history(client, run, key="id_val_acc"):
 
 
 def test_every_trial_has_a_child_run_with_params_and_checkpoint_metrics(sweep):
-    config, outcome, client = sweep
+    _config, outcome, client = sweep
     trials = _children(client, outcome, "trial")
     stages = Counter(run.data.tags["stage"] for run in trials)
     assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 12}
@@ -73,10 +123,13 @@ def test_init_sources_are_balanced_and_recorded(sweep):
     assert {p["init_source"] for p in by_arm["soups"]} == {PRETRAINED}
     aux_names = {aux_entry_name(config, task, 0) for task in config.aux.tasks}
     # 3 runs over 3 sources (phi_pt + 2 auxiliary tasks): each source exactly once.
-    assert sorted(p["init_source"] for p in by_arm["ratatouille"]) == sorted({PRETRAINED} | aux_names)
+    assert sorted(p["init_source"] for p in by_arm["ratatouille"]) == sorted(
+        {PRETRAINED} | aux_names
+    )
     robust_names = {robust_name(name) for name in aux_names}
-    assert (sorted(p["init_source"] for p in by_arm["robust_ratatouille"])
-            == sorted({PRETRAINED} | robust_names))
+    assert sorted(p["init_source"] for p in by_arm["robust_ratatouille"]) == sorted(
+        {PRETRAINED} | robust_names
+    )
     for params in by_arm["fusing"]:
         assert params["init_source"] == FUSING
         lambdas = [float(v) for k, v in params.items() if k.startswith("fusing_lambda/")]
@@ -95,7 +148,9 @@ def test_pool_holds_the_auxiliary_featurizers_with_their_manifest(sweep):
             assert 0.0 <= entry.id_val_acc <= 1.0
         # the moving average differs from the last weights it averages
         last, average = pool.load(name), pool.load(robust_name(name))
-        assert any(not torch.equal(last[k], average[k]) for k in last if last[k].is_floating_point())
+        assert any(
+            not torch.equal(last[k], average[k]) for k in last if last[k].is_floating_point()
+        )
     assert all(problem is None for _, problem in pool.verify())
 
 
@@ -121,7 +176,9 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     splits = target_splits(get_dataset("digits", seed=config.seed), [2], 0)
     strategy = outcome.final_strategies["rot30-split0"]
     assert strategy in ("ratatouille_uniform", "ratatouille_greedy")
-    assert evaluate_accuracy(model, splits.ood_test) == pytest.approx(metrics[f"ood_acc/{strategy}"])
+    assert evaluate_accuracy(model, splits.ood_test) == pytest.approx(
+        metrics[f"ood_acc/{strategy}"]
+    )
     for strategy in STRATEGIES:
         assert strategy in outcome.table_markdown
 
@@ -143,22 +200,39 @@ def test_second_experiment_reuses_pretrained_and_pool(sweep):
     config, _, client = sweep
     pool = Pool(pool_path(config))
     created = {entry.name: entry.created for entry in pool.entries()}
-    other = tiny_config(pool_path(config).parent.parent, name="tiny-reuse", aux=ROBUST,
-                        target={"arms": ["ratatouille"], "n_runs": 3})
+    other = tiny_config(
+        pool_path(config).parent.parent,
+        name="tiny-reuse",
+        aux=ROBUST,
+        target={"arms": ["ratatouille"], "n_runs": 3},
+    )
     outcome = run_pipeline(other)
     experiment = client.get_experiment_by_name("tiny-reuse")
-    runs = client.search_runs([experiment.experiment_id],
-                              f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
-    stages = Counter(run.data.tags.get("stage") for run in runs
-                     if run.data.tags.get("ratatouille.role") == "trial")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
+    )
+    stages = Counter(
+        run.data.tags.get("stage")
+        for run in runs
+        if run.data.tags.get("ratatouille.role") == "trial"
+    )
     assert stages == {"probe": 1, "target": 3}  # no pretrain, no auxiliary training again
     assert {entry.name: entry.created for entry in pool.entries()} == created
 
 
 def test_report_prints_the_table_and_writes_markdown_and_csv(sweep, tmp_path, capsys):
     config, outcome, _ = sweep
-    code = main(["report", "--experiment", "tiny", "--tracking-uri", config.tracking.mlflow_uri,
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "report",
+            "--experiment",
+            "tiny",
+            "--tracking-uri",
+            config.tracking.mlflow_uri,
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     markdown = (tmp_path / "tiny" / "report.md").read_text()

@@ -7,11 +7,15 @@ import pandas
 import pytest
 from matplotlib.collections import PolyCollection
 
-from ratatouille.curves import CurveResult
-from ratatouille.plots import (
-    plot_ablation_runs, plot_curves, plot_diversity_gain, plot_strategies, save_figures,
+from ratatouille.reducer.curves import CurveResult
+from ratatouille.reducer.plots import (
+    plot_ablation_runs,
+    plot_curves,
+    plot_diversity_gain,
+    plot_strategies,
+    save_figures,
 )
-from ratatouille.reduce import ReduceResult
+from ratatouille.reducer.reduce import ReduceResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,36 +24,78 @@ def _curve(name: str = "hypothesis_2") -> CurveResult:
     lambdas = tuple(i / 10 for i in range(11))
     accs = tuple(0.6 + 0.1 * lam + 0.2 * lam * (1 - lam) for lam in lambdas)
     linear = tuple((1 - lam) * accs[0] + lam * accs[-1] for lam in lambdas)
-    return CurveResult(name, lambdas, accs, linear, True, 0.0, 0.0, 0.01, "aux_a to aux_b",
-                       {"theta_a": "r1", "theta_b": "r2"})
+    return CurveResult(
+        name,
+        lambdas,
+        accs,
+        linear,
+        True,
+        0.0,
+        0.0,
+        0.01,
+        "aux_a to aux_b",
+        {"theta_a": "r1", "theta_b": "r2"},
+    )
 
 
 def _result() -> ReduceResult:
-    table = pandas.DataFrame({
-        "strategy": ["erm", "soup_uniform", "ratatouille_uniform"], "ood_acc": [0.6, 0.65, 0.7],
-        "id_val_acc": [0.9, 0.91, 0.92], "n_models": [1, 3, 3],
-        "members": [["a"], ["a", "b", "c"], ["d", "e", "f"]],
-    })
-    gains = pandas.DataFrame({
-        "arm": ["soups", "ratatouille", "ratatouille"], "q_diversity": [0.1, 0.3, 0.5],
-        "ratio_error": [1.0, 2.0, 3.0], "gain": [0.0, 0.01, 0.03],
-    })
-    ablation = pandas.DataFrame({
-        "arm": ["soups"] * 3, "n_runs": [1, 2, 3], "ood_acc_mean": [0.6, 0.63, 0.65],
-        "ood_acc_std": [0.02, 0.01, 0.0], "n_draws": [3, 3, 1],
-    })
-    sources = pandas.DataFrame({
-        "arm": ["ratatouille"] * 2, "n_sources": [1, 2], "ood_acc_mean": [0.6, 0.7],
-        "ood_acc_std": [0.0, 0.01], "n_draws": [1, 2], "n_models_mean": [1.0, 2.0],
-    })
-    source_div = pandas.DataFrame({
-        "arm": ["ratatouille"] * 2, "pairs": ["same_source", "different_source"],
-        "q_diversity": [0.2, 0.4], "ratio_error": [1.0, 1.5], "n_pairs": [1, 2],
-    })
+    table = pandas.DataFrame(
+        {
+            "strategy": ["erm", "soup_uniform", "ratatouille_uniform"],
+            "ood_acc": [0.6, 0.65, 0.7],
+            "id_val_acc": [0.9, 0.91, 0.92],
+            "n_models": [1, 3, 3],
+            "members": [["a"], ["a", "b", "c"], ["d", "e", "f"]],
+        }
+    )
+    gains = pandas.DataFrame(
+        {
+            "arm": ["soups", "ratatouille", "ratatouille"],
+            "q_diversity": [0.1, 0.3, 0.5],
+            "ratio_error": [1.0, 2.0, 3.0],
+            "gain": [0.0, 0.01, 0.03],
+        }
+    )
+    ablation = pandas.DataFrame(
+        {
+            "arm": ["soups"] * 3,
+            "n_runs": [1, 2, 3],
+            "ood_acc_mean": [0.6, 0.63, 0.65],
+            "ood_acc_std": [0.02, 0.01, 0.0],
+            "n_draws": [3, 3, 1],
+        }
+    )
+    sources = pandas.DataFrame(
+        {
+            "arm": ["ratatouille"] * 2,
+            "n_sources": [1, 2],
+            "ood_acc_mean": [0.6, 0.7],
+            "ood_acc_std": [0.0, 0.01],
+            "n_draws": [1, 2],
+            "n_models_mean": [1.0, 2.0],
+        }
+    )
+    source_div = pandas.DataFrame(
+        {
+            "arm": ["ratatouille"] * 2,
+            "pairs": ["same_source", "different_source"],
+            "q_diversity": [0.2, 0.4],
+            "ratio_error": [1.0, 1.5],
+            "n_pairs": [1, 2],
+        }
+    )
     return ReduceResult(
-        table=table, diversity=pandas.DataFrame(), source_diversity=source_div, gain_points=gains,
-        curves={"hypothesis_2": _curve()}, ablation_runs=ablation, ablation_sources=sources,
-        final_model_state={}, final_strategy="ratatouille_uniform", test_domain="art", split_seed=0,
+        table=table,
+        diversity=pandas.DataFrame(),
+        source_diversity=source_div,
+        gain_points=gains,
+        curves={"hypothesis_2": _curve()},
+        ablation_runs=ablation,
+        ablation_sources=sources,
+        final_model_state={},
+        final_strategy="ratatouille_uniform",
+        test_domain="art",
+        split_seed=0,
     )
 
 
@@ -81,7 +127,12 @@ def test_strategies_plot_has_an_ood_and_an_id_val_bar_per_strategy():
     ax = plot_strategies(table).axes[0]
     heights = sorted(round(p.get_height(), 6) for p in ax.patches)
     assert heights == sorted([*table.ood_acc, *table.id_val_acc])
-    assert [t.get_text() for t in ax.get_xticklabels()] == list(table.strategy)
+    # the registry's labels (paper Table 1's row names), not the metric keys
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "Vanilla fine-tuning (ID val)",
+        "Model soups (uniform)",
+        "Model ratatouille (uniform)",
+    ]
 
 
 def test_diversity_gain_scatter_has_one_series_per_arm_and_a_least_squares_fit():
@@ -101,7 +152,13 @@ def test_save_figures_writes_one_png_per_figure_even_for_empty_frames(tmp_path):
     result.curves = {}
     result.gain_points = result.gain_points.iloc[0:0]
     paths = save_figures(result, tmp_path / "figs")
-    assert set(paths) == {"strategies", "interpolation", "diversity_gain", "source_diversity",
-                          "ablation_runs", "ablation_sources"}
+    assert set(paths) == {
+        "strategies",
+        "interpolation",
+        "diversity_gain",
+        "source_diversity",
+        "ablation_runs",
+        "ablation_sources",
+    }
     for path in paths.values():
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000

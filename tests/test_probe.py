@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ratatouille.data import InfiniteLoader, eval_loader, get_dataset, target_splits
-from ratatouille.models import build_classifier, featurizer_state, freeze_bn, head_state
-from ratatouille.probe import eval_train_views, linear_probe
-from ratatouille.train import evaluate_accuracy, loader_seed
+from ratatouille.engine.models import build_classifier, featurizer_state, freeze_bn, head_state
+from ratatouille.engine.probe import eval_train_views, linear_probe
+from ratatouille.engine.train import evaluate_accuracy, loader_seed
 
 ARCH = "test_resnet"
 torch.set_num_threads(1)
@@ -45,8 +44,9 @@ def _frozen_featurizer_loop(model, train, steps, lr, batch_size, seed):
     for p in model.featurizer.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.head.parameters(), lr=lr)
-    streams = [iter(InfiniteLoader(d, batch_size, loader_seed(seed, i, 0)))
-               for i, d in enumerate(train)]
+    streams = [
+        iter(InfiniteLoader(d, batch_size, loader_seed(seed, i, 0))) for i, d in enumerate(train)
+    ]
     model.train()
     for _ in range(steps):
         xs, ys = zip(*(next(s) for s in streams))
@@ -65,8 +65,17 @@ def test_probe_on_cached_features_matches_a_frozen_featurizer_loop(digits, phi_p
     phi_before = {k: v.clone() for k, v in featurizer_state(model).items()}
     w_init = {k: v.clone() for k, v in head_state(model).items()}
 
-    probe = linear_probe(model.featurizer, train, splits.id_val, splits.num_classes, steps=steps,
-                         lr=lr, batch_size=batch_size, seed=seed, head_init=w_init)
+    probe = linear_probe(
+        model.featurizer,
+        train,
+        splits.id_val,
+        splits.num_classes,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        head_init=w_init,
+    )
     reference = _frozen_featurizer_loop(model, train, steps, lr, batch_size, seed)
     reference_acc = evaluate_accuracy(reference, splits.id_val)
 
@@ -82,8 +91,15 @@ def test_probe_head_reaches_its_reported_accuracy_when_plugged_into_the_classifi
 ) -> None:
     dataset, splits = digits
     model = build_classifier(ARCH, splits.num_classes, featurizer_weights=phi_pt, seed=1)
-    probe = linear_probe(model.featurizer, eval_train_views(dataset, splits), splits.id_val,
-                         splits.num_classes, steps=20, lr=1e-2, seed=0)
+    probe = linear_probe(
+        model.featurizer,
+        eval_train_views(dataset, splits),
+        splits.id_val,
+        splits.num_classes,
+        steps=20,
+        lr=1e-2,
+        seed=0,
+    )
     assert set(probe.head_state) == {"weight", "bias"}
     model.head.load_state_dict(probe.head_state)
     assert evaluate_accuracy(model, splits.id_val, batch_size=50) == pytest.approx(probe.id_val_acc)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from ratatouille.pipeline import run_pipeline
-from ratatouille.search import SweepIncomplete
-from ratatouille.tracking import latest_parent
+from faults import inject_fault
+from ratatouille.orchestration.pipeline import run_pipeline
+from ratatouille.orchestration.search import SweepIncomplete
+from ratatouille.tracking.store import latest_parent
 from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -23,8 +24,10 @@ def root(tmp_path_factory):
 def _target_runs(config, parent_id):
     client = MlflowClient(config.tracking.mlflow_uri)
     experiment = client.get_experiment_by_name(config.name)
-    runs = client.search_runs([experiment.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'target'")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}' and tags.stage = 'target'",
+    )
     return client, {int(run.data.params["run"]): run for run in runs}
 
 
@@ -32,10 +35,12 @@ def _steps(client, run):
     return [m.step for m in client.get_metric_history(run.info.run_id, "id_val_acc")]
 
 
-def test_lost_trial_restarts_from_its_checkpoint(ray_session, root):
-    config = tiny_config(root, name="restart", target=SOUPS_ONLY, aux={"tasks": []},
-                         resources={"max_failures": 1})
-    outcome = run_pipeline(config, fault={"stage": "target", "arm": "soups", "run": 1, "step": 6})
+def test_lost_trial_restarts_from_its_checkpoint(ray_session, root, monkeypatch):
+    config = tiny_config(
+        root, name="restart", target=SOUPS_ONLY, aux={"tasks": []}, resources={"max_failures": 1}
+    )
+    inject_fault(monkeypatch, step=6, stage="target", arm="soups", run=1)
+    outcome = run_pipeline(config)
     client, runs = _target_runs(config, outcome.parent_run_id)
     assert runs[1].data.tags["ray.restarts"] == "1" and "ray.restarts" not in runs[0].data.tags
     steps = _steps(client, runs[1])
@@ -44,11 +49,14 @@ def test_lost_trial_restarts_from_its_checkpoint(ray_session, root):
     assert _steps(client, runs[0]) == ALL_STEPS
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, root):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    ray_session, root, monkeypatch
+):
     config = tiny_config(root, name="resume", target=SOUPS_ONLY, aux={"tasks": []})
-    with pytest.raises(SweepIncomplete, match="--resume"):
-        run_pipeline(config, fault={"stage": "target", "arm": "soups", "run": 1, "step": 6})
-    tracker, parent = latest_parent("resume", config.tracking.mlflow_uri)
+    with monkeypatch.context() as patch, pytest.raises(SweepIncomplete, match="--resume"):
+        inject_fault(patch, step=6, stage="target", arm="soups", run=1)
+        run_pipeline(config)
+    _tracker, parent = latest_parent("resume", config.tracking.mlflow_uri)
     assert parent.info.status == "KILLED"
     client, before = _target_runs(config, parent.info.run_id)
     assert before[1].info.status == "FAILED" and before[0].info.status == "FINISHED"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ratatouille.soups import (
+from ratatouille.merging.soups import (
     GreedySoup,
     StateDictMismatchError,
     average,
@@ -235,6 +235,7 @@ def test_greedy_soup_calls_each_loader_once_and_evaluate_m_minus_1_times():
         def load():
             calls[i] += 1
             return scalar_model(float(i))
+
         return load
 
     def evaluate(state_dict) -> float:
@@ -251,7 +252,8 @@ def test_greedy_soup_never_holds_more_than_three_state_dicts():
 
     def live_model_tensors() -> int:
         return sum(
-            1 for o in gc.get_objects()
+            1
+            for o in gc.get_objects()
             if type(o) is torch.Tensor and tuple(o.shape) == shape and o.device.type != "meta"
         )
 
@@ -261,6 +263,7 @@ def test_greedy_soup_never_holds_more_than_three_state_dicts():
         def load():
             counts.append(live_model_tensors())
             return {"w": torch.full(shape, float(i), dtype=torch.float64)}
+
         return load
 
     def evaluate(state_dict) -> float:
@@ -334,11 +337,14 @@ def test_fusing_weights_with_zero_spread_are_uniform():
     assert fusing_weights(4, 0.0, np.random.default_rng(0)).tolist() == [0.25] * 4
 
 
-@pytest.mark.parametrize(("n", "spread", "rng", "message"), [
-    (0, 4.0, np.random.default_rng(0), "positive integer"),
-    (3, -1.0, np.random.default_rng(0), "spread"),
-    (3, 4.0, 42, "numpy.random.Generator"),
-])
+@pytest.mark.parametrize(
+    ("n", "spread", "rng", "message"),
+    [
+        (0, 4.0, np.random.default_rng(0), "positive integer"),
+        (3, -1.0, np.random.default_rng(0), "spread"),
+        (3, 4.0, 42, "numpy.random.Generator"),
+    ],
+)
 def test_fusing_weights_reject_bad_input(n, spread, rng, message):
     with pytest.raises(ValueError, match=message):
         fusing_weights(n, spread, rng)

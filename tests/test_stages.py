@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ratatouille.models import create_featurizer
-from ratatouille.pipeline import experiment_cells
-from ratatouille.stages import InjectedFault, context_for, init_featurizer, run_trial
-from ratatouille.sweep import FUSING, PRETRAINED, aux_specs, probe_specs, target_specs
+from faults import FailingReporter, InjectedFault
+from ratatouille.core.names import FUSING, PRETRAINED
+from ratatouille.engine.models import create_featurizer
+from ratatouille.recipe.checks import experiment_cells
+from ratatouille.recipe.stages import context_for, init_featurizer, run_trial
+from ratatouille.recipe.sweep import aux_specs, probe_specs, target_specs
 from tiny import tiny_config
 
 
@@ -38,7 +40,7 @@ def setup(tmp_path_factory):
 
 def test_target_checkpoints_only_strict_improvements_with_their_weights(setup):
     config, ctx, cells = setup
-    spec = next(s for s in target_specs(config, cells) if s["init_source"] == PRETRAINED)
+    spec = next(s for s in target_specs(config, cells) if s.init_source == PRETRAINED)
     reporter = ListReporter()
     run_trial(spec, ctx, reporter)
     *steps, (final, final_weights, _) = reporter.rows
@@ -65,25 +67,23 @@ def test_auxiliary_run_reports_last_and_moving_average_featurizers(setup):
 
 
 def test_fusing_init_is_the_lambda_weighted_featurizer(setup):
-    config, ctx, cells = setup
-    spec = next(s for s in target_specs(config, cells) if s["init_source"] == FUSING)
-    sources = {name: {"w": torch.full((2,), float(i + 1))} for i, name in enumerate(spec["fusing"])}
+    config, _ctx, cells = setup
+    spec = next(s for s in target_specs(config, cells) if s.init_source == FUSING)
+    sources = {name: {"w": torch.full((2,), float(i + 1))} for i, name in enumerate(spec.fusing)}
     ctx_sources = context_for(config, featurizers=sources)
-    expected = sum(lam * (i + 1) for i, lam in enumerate(spec["fusing"].values()))
+    expected = sum(lam * (i + 1) for i, lam in enumerate(spec.fusing.values()))
     assert init_featurizer(spec, ctx_sources)["w"] == pytest.approx(torch.full((2,), expected))
 
 
 def test_injected_fault_fires_once_at_its_step(setup):
     config, ctx, cells = setup
-    spec = next(s for s in target_specs(config, cells) if s["arm"] == "soups")
-    faulty = context_for(config, featurizers=ctx.featurizers, heads=ctx.heads,
-                         fault={"stage": "target", "arm": "soups", "run": spec["run"], "step": 6})
+    spec = next(s for s in target_specs(config, cells) if s.arm == "soups")
     reporter = ListReporter()
     with pytest.raises(InjectedFault, match="step 6"):
-        run_trial(spec, faulty, reporter)
+        run_trial(spec, ctx, FailingReporter(reporter, step=6))
     assert reporter.rows[-1][0]["step"] == 6
     last_checkpoint = next(state for _, _, state in reversed(reporter.rows) if state is not None)
     resumed = ListReporter(restored=last_checkpoint)
-    run_trial(spec, faulty, resumed)  # a restored trial is not failed again
+    run_trial(spec, ctx, FailingReporter(resumed, step=6))  # a restored trial is not failed again
     assert resumed.rows[-1][0]["done"]
     assert resumed.rows[0][0]["step"] > last_checkpoint["step"]

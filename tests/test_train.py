@@ -1,4 +1,4 @@
-"""The fine-tuning engine: frozen BN, featurizer freeze, model selection, seeding, divergence, resume."""
+"""The fine-tuning engine: frozen BN, featurizer freeze, selection, seeding, divergence, resume."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
-from ratatouille.models import build_classifier, featurizer_state, head_state
-from ratatouille.train import (
+from ratatouille.engine.models import build_classifier, featurizer_state, head_state
+from ratatouille.engine.train import (
     FineTuneConfig,
     TrainingDiverged,
     evaluate_accuracy,
@@ -70,8 +70,12 @@ def test_bn_running_stats_unchanged_and_bn_affine_trained() -> None:
     result = fine_tune(model, TRAIN, ID_VAL, _cfg())
     after = result.final_state
     buffers = [k for k in before if "running_" in k or "num_batches_tracked" in k]
-    affine = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, _BatchNorm)
-              for p in ("weight", "bias")]
+    affine = [
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+        for p in ("weight", "bias")
+    ]
     assert buffers and all(torch.equal(before[k], after[k]) for k in buffers)
     assert any(not torch.equal(before[k], after[k]) for k in affine)
 
@@ -81,8 +85,9 @@ def test_featurizer_frozen_during_lp_steps_then_trained() -> None:
     phi_init = {k: v.clone() for k, v in featurizer_state(model).items()}
     w_init = {k: v.clone() for k, v in head_state(model).items()}
     snapshots, record = _recorder()
-    fine_tune(model, TRAIN, ID_VAL, _cfg(steps=6, checkpoint_freq=1, lp_steps=3),
-              on_checkpoint=record)
+    fine_tune(
+        model, TRAIN, ID_VAL, _cfg(steps=6, checkpoint_freq=1, lp_steps=3), on_checkpoint=record
+    )
     for step in (0, 1, 2):  # the first lp_steps updates touch only the head
         assert _equal(featurizer_state(snapshots[step]["model"]), phi_init)
         assert not _equal(head_state(snapshots[step]["model"]), w_init)
@@ -95,8 +100,9 @@ def test_optimizer_is_fresh_after_the_freeze_window() -> None:
     model = _model()
     n_head, n_all = len(list(model.head.parameters())), len(list(model.parameters()))
     snapshots, record = _recorder()
-    fine_tune(model, TRAIN, ID_VAL, _cfg(steps=6, checkpoint_freq=1, lp_steps=3),
-              on_checkpoint=record)
+    fine_tune(
+        model, TRAIN, ID_VAL, _cfg(steps=6, checkpoint_freq=1, lp_steps=3), on_checkpoint=record
+    )
     head_only = snapshots[2]["optimizer"]["state"]
     assert len(head_only) == n_head
     assert all(float(s["step"]) == 3.0 for s in head_only.values())
@@ -108,8 +114,9 @@ def test_optimizer_is_fresh_after_the_freeze_window() -> None:
 def test_best_weights_are_those_of_the_best_logged_checkpoint() -> None:
     snapshots, record = _recorder()
     model = _model()
-    result = fine_tune(model, TRAIN, ID_VAL, _cfg(steps=12, checkpoint_freq=1, seed=1),
-                       on_checkpoint=record)
+    result = fine_tune(
+        model, TRAIN, ID_VAL, _cfg(steps=12, checkpoint_freq=1, seed=1), on_checkpoint=record
+    )
     accs = [h["id_val_acc"] for h in result.history]
     first_max = int(np.argmax(accs))  # np.argmax returns the FIRST maximum: strict >
     assert accs[first_max] > accs[-1], "scenario needs an ID-val curve that goes up then down"
@@ -125,8 +132,9 @@ def test_ties_keep_the_earliest_checkpoint() -> None:
     # label -1 is never predicted: ID-val accuracy is 0 at every checkpoint
     unreachable = [TensorDataset(torch.randn(5, 3, 16, 16), torch.full((5,), -1))]
     snapshots, record = _recorder()
-    result = fine_tune(_model(), TRAIN, unreachable, _cfg(steps=5, checkpoint_freq=2),
-                       on_checkpoint=record)
+    result = fine_tune(
+        _model(), TRAIN, unreachable, _cfg(steps=5, checkpoint_freq=2), on_checkpoint=record
+    )
     assert [h["step"] for h in result.history] == [0, 2, 4]
     assert [h["id_val_acc"] for h in result.history] == [0.0, 0.0, 0.0]
     assert result.best_step == 0
@@ -172,8 +180,9 @@ def test_resume_from_mid_run_snapshots_gives_bit_identical_weights() -> None:
     # step 3: resuming crosses the freeze boundary; step 6: resumes Adam's state mid-phase
     for step in (3, 6):
         torch.manual_seed(123)  # a different global RNG state must not matter
-        resumed = fine_tune(_model(seed=9, dropout=0.5), TRAIN, ID_VAL, cfg,
-                            resume=_roundtrip(snapshots[step]))
+        resumed = fine_tune(
+            _model(seed=9, dropout=0.5), TRAIN, ID_VAL, cfg, resume=_roundtrip(snapshots[step])
+        )
         assert _equal(resumed.final_state, full.final_state)
         assert _equal(resumed.average_state, full.average_state)
         assert _equal(resumed.best_state, full.best_state)

@@ -6,18 +6,29 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from ratatouille.config import ExperimentConfig, parse_config
+from ratatouille.core.config import ExperimentConfig, parse_config
 
 TINY: dict[str, Any] = {
     "name": "tiny",
     "data": {"dataset": "digits", "test_envs": ["rot30"]},
     "model": {"arch": "test_resnet", "init": "pretrain"},
     "pretrain": {"task": "digits_t0", "steps": 30, "checkpoint_freq": 10, "lr": 1e-3},
-    "aux": {"tasks": ["digits_aux_flipped", "digits_aux_sheared"], "steps": 12,
-            "checkpoint_freq": 6, "hparams": "mild", "hparams_override": {"lr": [3e-4]}},
+    "aux": {
+        "tasks": ["digits_aux_flipped", "digits_aux_sheared"],
+        "steps": 12,
+        "checkpoint_freq": 6,
+        "hparams": "mild",
+        "hparams_override": {"lr": [3e-4]},
+    },
     "probe": {"steps": 30, "lr": 1e-3},
-    "target": {"arms": ["soups", "ratatouille", "fusing"], "n_runs": 3, "steps": 12,
-               "checkpoint_freq": 3, "lp_steps": 3, "hparams_override": {"lr": [1e-4, 3e-4]}},
+    "target": {
+        "arms": ["soups", "ratatouille", "fusing"],
+        "n_runs": 3,
+        "steps": 12,
+        "checkpoint_freq": 3,
+        "lp_steps": 3,
+        "hparams_override": {"lr": [1e-4, 3e-4]},
+    },
     "reduce": {"ablation_draws": 2, "max_pairs": 3},
     "resources": {"cpus_per_trial": 1, "max_failures": 0},
 }
@@ -27,8 +38,10 @@ def tiny_config(tmp_path: Path, name: str = "tiny", **sections: dict[str, Any]) 
     """TINY with local stores under tmp_path and `sections` merged over it."""
     raw = copy.deepcopy(TINY)
     raw["name"] = name
-    raw["tracking"] = {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                       "storage_path": str(tmp_path / "ray_results")}
+    raw["tracking"] = {
+        "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "storage_path": str(tmp_path / "ray_results"),
+    }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return parse_config(raw)

@@ -45,9 +45,14 @@ from ratatouille.data.transforms import domainbed_eval_transform, domainbed_trai
 DATASET_NAMES: tuple[str, ...] = tuple(DOMAINBED_DATASETS) + EMBEDDED_NAMES
 
 
-def get_dataset(name: str, root: str | os.PathLike[str] | None = None, *,
-                image_size: int | None = None, augment: bool = True,
-                seed: int = 0) -> MultiDomainDataset:
+def get_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    image_size: int | None = None,
+    augment: bool = True,
+    seed: int = 0,
+) -> MultiDomainDataset:
     """A task by name: a DomainBed dataset read under ``root``, or an embedded benchmark task.
 
     ``image_size`` defaults to 224 for DomainBed and 16 for the embedded benchmark.

@@ -9,15 +9,17 @@ training augmentation to it, which makes its validation scores noisy).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence, Sized
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ratatouille.core.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data configuration: unknown dataset, bad domain, bad split parameters."""
 
 
@@ -133,4 +135,5 @@ def labels_of(dataset: Dataset) -> Tensor:
         return dataset.labels.clone()
     if isinstance(dataset, FileDomain):
         return torch.tensor([label for _, label in dataset.samples], dtype=torch.long)
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+    size = len(cast(Sized, dataset))
+    return torch.tensor([int(dataset[i][1]) for i in range(size)], dtype=torch.long)

@@ -36,9 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ratatouille.core.seeding import seed_hash
 from ratatouille.data.base import DataError, MultiDomainDataset, TensorDomain
-from ratatouille.data.transforms import EMBEDDED_MEAN, EMBEDDED_STD, RandomShift, StrongAugment, affine
-from ratatouille.seeding import seed_hash
+from ratatouille.data.transforms import (
+    EMBEDDED_MEAN,
+    EMBEDDED_STD,
+    RandomShift,
+    StrongAugment,
+    affine,
+)
 
 EMBEDDED_TARGET = "digits"
 EMBEDDED_PRETRAIN_TASK = "digits_t0"
@@ -69,16 +75,37 @@ class EmbeddedTaskSpec:
 EMBEDDED_TASKS: dict[str, EmbeddedTaskSpec] = {
     spec.name: spec
     for spec in (
-        EmbeddedTaskSpec(EMBEDDED_TARGET, TARGET_STYLES, "digit", "mild",
-                         "target T: 10 digits, 4 style domains, leave-one-domain-out"),
-        EmbeddedTaskSpec(EMBEDDED_PRETRAIN_TASK, ("clean",), "digit_mod5", "strong",
-                         "pre-training T0: clean digits, label = digit mod 5, strong augmentation"),
-        EmbeddedTaskSpec("digits_aux_flipped", ("flipped",), "digit", "mild",
-                         "auxiliary: mirrored digits"),
-        EmbeddedTaskSpec("digits_aux_sheared", ("sheared",), "digit", "mild",
-                         "auxiliary: horizontally sheared digits"),
-        EmbeddedTaskSpec("digits_aux_shrunk", ("shrunk",), "digit", "mild",
-                         "auxiliary: digits shrunk to 65% at a random offset"),
+        EmbeddedTaskSpec(
+            EMBEDDED_TARGET,
+            TARGET_STYLES,
+            "digit",
+            "mild",
+            "target T: 10 digits, 4 style domains, leave-one-domain-out",
+        ),
+        EmbeddedTaskSpec(
+            EMBEDDED_PRETRAIN_TASK,
+            ("clean",),
+            "digit_mod5",
+            "strong",
+            "pre-training T0: clean digits, label = digit mod 5, strong augmentation",
+        ),
+        EmbeddedTaskSpec(
+            "digits_aux_flipped", ("flipped",), "digit", "mild", "auxiliary: mirrored digits"
+        ),
+        EmbeddedTaskSpec(
+            "digits_aux_sheared",
+            ("sheared",),
+            "digit",
+            "mild",
+            "auxiliary: horizontally sheared digits",
+        ),
+        EmbeddedTaskSpec(
+            "digits_aux_shrunk",
+            ("shrunk",),
+            "digit",
+            "mild",
+            "auxiliary: digits shrunk to 65% at a random offset",
+        ),
     )
 }
 EMBEDDED_NAMES = tuple(EMBEDDED_TASKS)
@@ -182,18 +209,26 @@ def build_style_domains(seed: int, image_size: int = DEFAULT_IMAGE_SIZE) -> dict
             gen = torch.Generator().manual_seed(seed_hash("digits", seed, style))
             images = STYLES[style](base_images(idx), gen).clamp(0.0, 1.0).expand(-1, 3, -1, -1)
             if image_size != DEFAULT_IMAGE_SIZE:
-                images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                                       align_corners=False, antialias=image_size < DEFAULT_IMAGE_SIZE)
+                images = F.interpolate(
+                    images,
+                    size=(image_size, image_size),
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=image_size < DEFAULT_IMAGE_SIZE,
+                )
             images = ((images - EMBEDDED_MEAN) / EMBEDDED_STD).contiguous()
-            domains[style] = StyleDomain(images, torch.from_numpy(labels[idx]), torch.from_numpy(idx))
+            domains[style] = StyleDomain(
+                images, torch.from_numpy(labels[idx]), torch.from_numpy(idx)
+            )
     return domains
 
 
 class EmbeddedTask(MultiDomainDataset):
     """One task of the embedded benchmark as a :class:`MultiDomainDataset` (domains = styles)."""
 
-    def __init__(self, name: str, *, image_size: int | None = None, augment: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, name: str, *, image_size: int | None = None, augment: bool = True, seed: int = 0
+    ) -> None:
         if name not in EMBEDDED_TASKS:
             raise DataError(f"unknown embedded task {name!r}; choose one of {list(EMBEDDED_TASKS)}")
         size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
@@ -212,7 +247,9 @@ class EmbeddedTask(MultiDomainDataset):
         self._styles = build_style_domains(self.seed, size)
         shift = max(1, round(2 * size / DEFAULT_IMAGE_SIZE))
         strong = self.spec.augmentation == "strong"
-        self._train_transform = StrongAugment(max_shift=float(shift)) if strong else RandomShift(shift)
+        self._train_transform = (
+            StrongAugment(max_shift=float(shift)) if strong else RandomShift(shift)
+        )
 
     def style_domain(self, index: int) -> StyleDomain:
         """The cached tensors behind domain ``index`` (with provenance in ``source_index``)."""

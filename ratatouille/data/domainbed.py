@@ -37,8 +37,13 @@ class DomainBedImageFolder(MultiDomainDataset):
     FOLDER: str = ""
     DEFAULT_IMAGE_SIZE = 224
 
-    def __init__(self, root: str | os.PathLike[str] | None, *, image_size: int | None = None,
-                 augment: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None,
+        *,
+        image_size: int | None = None,
+        augment: bool = True,
+    ) -> None:
         self.name = type(self).__name__
         self.augment = augment
         size = self.DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
@@ -50,8 +55,9 @@ class DomainBedImageFolder(MultiDomainDataset):
         self.classes = self._find_classes()
         class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self._samples = [
-            make_dataset(str(self.root / env), class_to_idx, extensions=IMG_EXTENSIONS,
-                         allow_empty=True)
+            make_dataset(
+                str(self.root / env), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True
+            )
             for env in self.ENVIRONMENTS
         ]
         for env, samples in zip(self.ENVIRONMENTS, self._samples):

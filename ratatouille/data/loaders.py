@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ratatouille.core.seeding import seed_hash
 from ratatouille.data.base import DataError
-from ratatouille.seeding import seed_hash
 
 _SEED_HIGH = 2**62
 
@@ -106,5 +106,6 @@ def eval_loader(dataset: Dataset, batch_size: int = 64, num_workers: int = 0) ->
     """Every item once, in order (no shuffle, no drop_last): for ID-val and OOD-test accuracy."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                      num_workers=num_workers)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers
+    )

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from ratatouille.core.seeding import seed_hash
 from ratatouille.data.base import DataError, MultiDomainDataset
-from ratatouille.seeding import seed_hash
 
 
 @dataclass
@@ -25,7 +25,9 @@ class TaskSplits:
 
     train: list[Dataset]  # ID-train split of each training domain, training transform
     id_val: list[Dataset]  # ID-val split of each training domain, evaluation transform
-    ood_test: list[Dataset]  # held-out domain(s) in full, evaluation transform (empty for aux tasks)
+    ood_test: list[
+        Dataset
+    ]  # held-out domain(s) in full, evaluation transform (empty for aux tasks)
     train_domains: list[str]
     test_domains: list[str]
     num_classes: int
@@ -43,7 +45,11 @@ def resolve_test_env(dataset: MultiDomainDataset, test_env: str | int) -> int:
     """The index of a domain given by name (``"sketch"``) or index (``3``)."""
     if isinstance(test_env, str) and test_env in dataset.domains:
         return dataset.domains.index(test_env)
-    if isinstance(test_env, int) and not isinstance(test_env, bool) and 0 <= test_env < len(dataset):
+    if (
+        isinstance(test_env, int)
+        and not isinstance(test_env, bool)
+        and 0 <= test_env < len(dataset)
+    ):
         return test_env
     raise DataError(
         f"test_env {test_env!r} is not a domain of {dataset.name}: use a name in {dataset.domains} "
@@ -53,15 +59,20 @@ def resolve_test_env(dataset: MultiDomainDataset, test_env: str | int) -> int:
 
 def _check_fraction(holdout_fraction: float) -> None:
     if not 0.0 < holdout_fraction < 1.0:
-        raise DataError(f"holdout_fraction must be strictly between 0 and 1, got {holdout_fraction!r}")
+        raise DataError(
+            f"holdout_fraction must be strictly between 0 and 1, got {holdout_fraction!r}"
+        )
 
 
-def _split_domains(dataset: MultiDomainDataset, train_envs: Sequence[int], split_seed: int,
-                   holdout_fraction: float) -> tuple[list[Dataset], list[Dataset]]:
-    train, id_val = [], []
+def _split_domains(
+    dataset: MultiDomainDataset, train_envs: Sequence[int], split_seed: int, holdout_fraction: float
+) -> tuple[list[Dataset], list[Dataset]]:
+    train: list[Dataset] = []
+    id_val: list[Dataset] = []
     for env in train_envs:
-        out_keys, in_keys = split_indices(dataset.domain_size(env), holdout_fraction,
-                                          seed_hash(split_seed, env))
+        out_keys, in_keys = split_indices(
+            dataset.domain_size(env), holdout_fraction, seed_hash(split_seed, env)
+        )
         if not in_keys or not out_keys:
             raise DataError(
                 f"domain {dataset.domains[env]!r} of {dataset.name} has {dataset.domain_size(env)} "
@@ -72,8 +83,12 @@ def _split_domains(dataset: MultiDomainDataset, train_envs: Sequence[int], split
     return train, id_val
 
 
-def target_splits(dataset: MultiDomainDataset, test_envs: Sequence[int], split_seed: int,
-                  holdout_fraction: float = 0.2) -> TaskSplits:
+def target_splits(
+    dataset: MultiDomainDataset,
+    test_envs: Sequence[int],
+    split_seed: int,
+    holdout_fraction: float = 0.2,
+) -> TaskSplits:
     """Leave-``test_envs``-out splits of the target task T.
 
     Training domains are split 80/20 (ID train / ID val) with ``seed_hash(split_seed, env)``,
@@ -89,7 +104,9 @@ def target_splits(dataset: MultiDomainDataset, test_envs: Sequence[int], split_s
         raise DataError(f"test_envs {list(test_envs)!r} repeats a domain")
     train_envs = [i for i in range(len(dataset)) if i not in tests]
     if not train_envs:
-        raise DataError(f"test_envs {list(test_envs)!r} leave no training domain in {dataset.domains}")
+        raise DataError(
+            f"test_envs {list(test_envs)!r} leave no training domain in {dataset.domains}"
+        )
     train, id_val = _split_domains(dataset, train_envs, split_seed, holdout_fraction)
     return TaskSplits(
         train=train,
@@ -101,9 +118,11 @@ def target_splits(dataset: MultiDomainDataset, test_envs: Sequence[int], split_s
     )
 
 
-def auxiliary_splits(dataset: MultiDomainDataset, split_seed: int,
-                     holdout_fraction: float = 0.2) -> TaskSplits:
-    """Splits of an auxiliary task T_i (or of T0): train on ALL domains (DomainBed ``test_env = -1``)."""
+def auxiliary_splits(
+    dataset: MultiDomainDataset, split_seed: int, holdout_fraction: float = 0.2
+) -> TaskSplits:
+    """Splits of an auxiliary task T_i (or of T0): train on ALL domains (DomainBed's
+    ``test_env = -1``)."""
     _check_fraction(holdout_fraction)
     train_envs = list(range(len(dataset)))
     train, id_val = _split_domains(dataset, train_envs, split_seed, holdout_fraction)

@@ -51,8 +51,14 @@ def _uniform(low: float, high: float) -> float:
     return float(torch.empty(()).uniform_(low, high))
 
 
-def affine(image: Tensor, angle_deg: float = 0.0, scale: float = 1.0, shear: float = 0.0,
-           translate: tuple[float, float] | Tensor = (0.0, 0.0), flip: bool = False) -> Tensor:
+def affine(
+    image: Tensor,
+    angle_deg: float = 0.0,
+    scale: float = 1.0,
+    shear: float = 0.0,
+    translate: tuple[float, float] | Tensor = (0.0, 0.0),
+    flip: bool = False,
+) -> Tensor:
     """Affine warp of a ``C x H x W`` (or ``N x C x H x W``) tensor about its centre.
 
     A positive ``angle_deg`` turns the content clockwise on screen; ``shear`` slants it
@@ -109,9 +115,15 @@ class StrongAugment:
     inverting the polarity is a sign flip.
     """
 
-    def __init__(self, max_angle: float = 20.0, scale: tuple[float, float] = (0.8, 1.15),
-                 max_shear: float = 0.3, max_shift: float = 2.0, jitter: float = 0.3,
-                 invert_p: float = 0.5) -> None:
+    def __init__(
+        self,
+        max_angle: float = 20.0,
+        scale: tuple[float, float] = (0.8, 1.15),
+        max_shear: float = 0.3,
+        max_shift: float = 2.0,
+        jitter: float = 0.3,
+        invert_p: float = 0.5,
+    ) -> None:
         self.max_angle = max_angle
         self.scale = scale
         self.max_shear = max_shear
@@ -125,8 +137,10 @@ class StrongAugment:
             angle_deg=_uniform(-self.max_angle, self.max_angle),
             scale=_uniform(*self.scale),
             shear=_uniform(-self.max_shear, self.max_shear),
-            translate=(_uniform(-self.max_shift, self.max_shift),
-                       _uniform(-self.max_shift, self.max_shift)),
+            translate=(
+                _uniform(-self.max_shift, self.max_shift),
+                _uniform(-self.max_shift, self.max_shift),
+            ),
         )
         if _uniform(0.0, 1.0) < self.invert_p:
             out = -out
@@ -135,6 +149,8 @@ class StrongAugment:
         return out * contrast + brightness
 
     def __repr__(self) -> str:
-        return (f"StrongAugment(max_angle={self.max_angle}, scale={self.scale}, "
-                f"max_shear={self.max_shear}, max_shift={self.max_shift}, jitter={self.jitter}, "
-                f"invert_p={self.invert_p})")
+        return (
+            f"StrongAugment(max_angle={self.max_angle}, scale={self.scale}, "
+            f"max_shear={self.max_shear}, max_shift={self.max_shift}, jitter={self.jitter}, "
+            f"invert_p={self.invert_p})"
+        )

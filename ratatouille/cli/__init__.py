@@ -1,0 +1,1 @@
+"""The `ratatouille` command: run, plan, reduce, report and pool."""

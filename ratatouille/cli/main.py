@@ -1,0 +1,179 @@
+"""`ratatouille run | reduce | report | pool | plan`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ratatouille.core.config import ExperimentConfig, load_config, parse_config
+from ratatouille.core.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    parser.add_argument("--data-root", help="folder holding the DomainBed datasets")
+    parser.add_argument(
+        "--test-env",
+        action="append",
+        dest="test_envs",
+        metavar="NAME|INDEX",
+        help="held-out domain to sweep (repeatable); default: the config's",
+    )
+    parser.add_argument("--steps", type=int, help="steps of every training stage (quick tries)")
+    parser.add_argument("--n-runs", type=int, help="target runs per arm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ratatouille",
+        description="Model ratatouille as a Ray Tune sweep: recycle auxiliary fine-tunings as "
+        "initializations, average the target runs, compare every strategy in MLflow.",
+        epilog="example: ratatouille run experiments/quickstart.yaml",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the whole pipeline of a config")
+    _add_overrides(run)
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest run of this experiment; finished trials are kept",
+    )
+
+    plan = commands.add_parser("plan", help="print trials per stage and the compute they need")
+    _add_overrides(plan)
+
+    for name, text in (
+        ("reduce", "rerun only the reducer on a finished sweep"),
+        ("report", "print the comparison table, write Markdown and CSV"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--experiment", help="MLflow experiment (default: the latest one)")
+        sub.add_argument(
+            "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)"
+        )
+    commands.choices["report"].add_argument(
+        "--out", default="reports", help="folder for report.md and report.csv"
+    )
+
+    pool = commands.add_parser("pool", help="list, verify or import auxiliary featurizers")
+    pool_commands = pool.add_subparsers(dest="pool_command", required=True)
+    for name in ("list", "verify"):
+        pool_commands.add_parser(name).add_argument("--pool", required=True, help="pool folder")
+    imp = pool_commands.add_parser("import", help="add a featurizer file to a pool")
+    imp.add_argument("file")
+    imp.add_argument("--pool", required=True)
+    imp.add_argument("--name", required=True)
+    imp.add_argument("--arch", required=True, help="timm architecture name, e.g. resnet50")
+    imp.add_argument("--source-task", default="imported")
+    imp.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a pickle checkpoint (still loaded with weights_only=True)",
+    )
+    return parser
+
+
+def apply_overrides(config: ExperimentConfig, args: argparse.Namespace) -> ExperimentConfig:
+    """The command line's quick-try overrides, validated like the file itself."""
+    raw = config.model_dump()
+    if args.data_root:
+        raw["data"]["root"] = args.data_root
+    if args.test_envs:
+        raw["data"]["test_envs"] = [int(t) if t.isdigit() else t for t in args.test_envs]
+    if args.n_runs is not None:
+        raw["target"]["n_runs"] = args.n_runs
+    if args.steps is not None:
+        for section in ("target", "aux", "probe", "pretrain"):
+            if raw.get(section) is not None:
+                raw[section]["steps"] = args.steps
+        if raw["target"]["lp_steps"] >= args.steps:
+            raw["target"]["lp_steps"] = args.steps // 2
+            print(
+                f"note: --steps {args.steps} <= target.lp_steps: featurizer freeze shortened "
+                f"to {args.steps // 2} steps",
+                file=sys.stderr,
+            )
+    return parse_config(raw, f"{args.config} (with command-line overrides)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = apply_overrides(load_config(args.config), args)
+    from ratatouille.cli.report import print_outcome
+    from ratatouille.orchestration.pipeline import run_pipeline
+
+    print_outcome(run_pipeline(config, resume=args.resume))
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    config = apply_overrides(load_config(args.config), args)
+    from ratatouille.recipe.checks import domain_names, experiment_cells
+    from ratatouille.recipe.sweep import format_plan, plan_rows
+
+    def n_domains(dataset: str) -> int:
+        return len(domain_names(dataset, config.seed))
+
+    print(format_plan(plan_rows(config, experiment_cells(config), n_domains), config))
+    return EXIT_OK
+
+
+def _cmd_reduce(args: argparse.Namespace) -> int:
+    from ratatouille.cli.report import print_outcome
+    from ratatouille.orchestration.pipeline import reduce_latest
+
+    print_outcome(reduce_latest(args.experiment, args.tracking_uri))
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ratatouille.cli.report import write_report
+
+    write_report(args.experiment, args.tracking_uri, args.out)
+    return EXIT_OK
+
+
+def _cmd_pool(args: argparse.Namespace) -> int:
+    from ratatouille.cli import pool
+
+    if args.pool_command == "list":
+        return pool.cli_list(args.pool)
+    if args.pool_command == "verify":
+        return pool.cli_verify(args.pool)
+    return pool.cli_import(
+        args.file, args.pool, args.name, args.arch, args.trust_pickle, source_task=args.source_task
+    )
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "plan": _cmd_plan,
+    "reduce": _cmd_reduce,
+    "report": _cmd_report,
+    "pool": _cmd_pool,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 trials failed (finished ones kept, `--resume` continues); 2 bad
+    input (one line naming what to change, nothing started)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:
+        from ratatouille.orchestration.search import SweepIncomplete
+
+        if isinstance(error, SweepIncomplete):
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""What the CLI prints after a run, a reduce or a report: the table and where to look next."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ratatouille.orchestration.reporting import Outcome
+from ratatouille.reducer.summary import format_table, summarize_long
+from ratatouille.tracking.store import latest_parent, read_comparison
+
+
+def print_outcome(outcome: Outcome) -> None:
+    print(f"\n{outcome.experiment}: OOD test accuracy (%)\n")
+    print(outcome.table_markdown)
+    print(f"\nfinal model: {outcome.final_strategies}")
+    print(f"MLflow: {outcome.tracking_uri}, parent run {outcome.parent_run_id}")
+    print(_mlflow_hint(outcome.tracking_uri))
+
+
+def _mlflow_hint(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        beside = Path(sys.executable).with_name("mlflow")  # the venv's mlflow, maybe not on PATH
+        command = str(beside) if beside.exists() else "mlflow"
+        return f"open it with: {command} ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+    return f"open {uri} in a browser"
+
+
+def write_report(experiment: str | None, tracking_uri: str | None, out: str) -> Path:
+    """`ratatouille report`: print the comparison table, write Markdown and CSV."""
+    tracker, parent = latest_parent(experiment, tracking_uri)
+    long = read_comparison(tracker)
+    table = format_table(summarize_long(long))
+    folder = Path(out) / tracker.experiment_name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text(
+        f"# {tracker.experiment_name}: OOD test accuracy (%)\n\n"
+        f"run {parent.info.run_id}\n\n{table}\n"
+    )
+    long.to_csv(folder / "report.csv", index=False)
+    print(f"{tracker.experiment_name}: OOD test accuracy (%), mean ± std over split seeds\n")
+    print(table)
+    print(f"\nwrote {folder / 'report.md'} and {folder / 'report.csv'}")
+    print(_mlflow_hint(tracker.uri))
+    return folder

@@ -1,0 +1,1 @@
+"""The shared vocabulary: typed config, arm registry, names, seeds, the UserError base."""

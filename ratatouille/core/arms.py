@@ -1,0 +1,199 @@
+"""The arm registry: one definition per target arm of the sweep.
+
+An arm is a family of ``n_runs`` target fine-tunings that differ only by their initialization
+(paper Sec. 3): where its runs start from, whether it needs the auxiliary pool, and which of
+the reducer's strategies (Table 1) its runs feed. The sweep planner, the config's validation,
+the reducer and the figures all read this registry; adding an arm is one entry here (and, for a
+new way of picking inits, one policy function).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ratatouille.core.names import FUSING, PRETRAINED
+from ratatouille.core.seeding import seed_hash
+from ratatouille.merging.soups import fusing_weights
+
+
+@dataclass(frozen=True)
+class InitChoice:
+    """Where one target run starts: ``init_source`` is ``PRETRAINED``, a pool entry or ``FUSING``
+    (then ``fusing`` maps each source's featurizer to its softmax(kappa) weight)."""
+
+    init_source: str
+    fusing: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class InitDraw:
+    """What an init policy may use: the arm's source groups (group 0 is ``[PRETRAINED]``, then
+    one group of pool entries per auxiliary source) and the seeds of the cell."""
+
+    arm: str
+    groups: list[list[str]]
+    n_runs: int
+    seed: int  # the experiment's seed
+    cell_key: str
+    fusing_spread: float
+
+
+InitPolicy = Callable[[InitDraw], list[InitChoice]]
+
+
+def balanced_sources(n_runs: int, n_sources: int, seed: int) -> list[int]:
+    """Source index of each of the M target runs over K+1 sources (0 is the pretrained ``phi_pt``).
+
+    Each source gets ``M // (K+1)`` runs or one more; which sources get the extra run, and the
+    order, come from ``numpy.random.default_rng(seed)``, so the assignment is reproducible.
+    """
+    checks = (("n_runs", n_runs, 0), ("n_sources (K+1)", n_sources, 1), ("seed", seed, 0))
+    for label, value, minimum in checks:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{label} must be an integer >= {minimum}, got {value!r}")
+    rng = np.random.default_rng(seed)
+    counts = np.full(n_sources, n_runs // n_sources)
+    counts[rng.permutation(n_sources)[: n_runs % n_sources]] += 1
+    sources = np.repeat(np.arange(n_sources), counts)
+    return [int(source) for source in rng.permutation(sources)]
+
+
+def balanced_over_sources(draw: InitDraw) -> list[InitChoice]:
+    """Runs spread evenly over the source groups (paper Sec. 3, step 4); runs that share a
+    group cycle through that group's entries (an auxiliary task's several runs)."""
+    assignment = balanced_sources(
+        draw.n_runs, len(draw.groups), seed_hash(draw.seed, "sources", draw.arm, draw.cell_key)
+    )
+    choices = []
+    for run, group_index in enumerate(assignment):
+        group = draw.groups[group_index]
+        nth_of_group = assignment[:run].count(group_index)
+        choices.append(InitChoice(group[nth_of_group % len(group)]))
+    return choices
+
+
+def fusing_mixture(draw: InitDraw) -> list[InitChoice]:
+    """Every run starts from a softmax(kappa) mixture of one featurizer per source, kappa_i ~
+    U(0, fusing_spread) drawn per run (paper F.1, Fusing)."""
+    names = [group[0] for group in draw.groups]
+    choices = []
+    for run in range(draw.n_runs):
+        rng = np.random.default_rng(seed_hash(draw.seed, "fusing", draw.cell_key, run))
+        weights = fusing_weights(len(names), draw.fusing_spread, rng)
+        choices.append(InitChoice(FUSING, dict(zip(names, map(float, weights)))))
+    return choices
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One target arm.
+
+    ``needs_pool``: its inits come from auxiliary featurizers (``aux.tasks`` or
+    ``aux.extra_sources`` required); ``robust``: from their moving averages (``aux.robust``
+    required, App. E); ``recycles``: its runs start from distinct pool sources, so same- vs
+    different-source diversity and the interpolation curves are computed on it; ``averaged``:
+    its runs are meant to be averaged (the runs ablation of Fig. 8); ``strategies``: the
+    reducer strategies built from its runs; ``color``: its colour in the figures.
+    """
+
+    name: str
+    description: str
+    needs_pool: bool
+    robust: bool
+    recycles: bool
+    averaged: bool
+    init_policy: InitPolicy
+    strategies: tuple[str, ...]
+    color: str
+
+
+ARMS: dict[str, Arm] = {
+    arm.name: arm
+    for arm in (
+        Arm(
+            "soups",
+            "model soups: every run starts from (w_lp, phi_pt)",
+            needs_pool=False,
+            robust=False,
+            recycles=False,
+            averaged=True,
+            init_policy=balanced_over_sources,
+            strategies=("erm", "wise_ft", "ensemble_soups", "soup_uniform", "soup_greedy"),
+            color="tab:blue",
+        ),
+        Arm(
+            "ratatouille",
+            "model ratatouille: runs balanced over phi_pt and the pool",
+            needs_pool=True,
+            robust=False,
+            recycles=True,
+            averaged=True,
+            init_policy=balanced_over_sources,
+            strategies=(
+                "inter_training",
+                "ensemble_ratatouille",
+                "ratatouille_uniform",
+                "ratatouille_greedy",
+            ),
+            color="tab:orange",
+        ),
+        Arm(
+            "fusing",
+            "fusing: every run starts from a softmax-kappa mixture of the sources",
+            needs_pool=True,
+            robust=False,
+            recycles=False,
+            averaged=False,
+            init_policy=fusing_mixture,
+            strategies=("fusing",),
+            color="tab:green",
+        ),
+        Arm(
+            "robust_ratatouille",
+            "ratatouille over the pool's moving-average featurizers (App. E)",
+            needs_pool=True,
+            robust=True,
+            recycles=True,
+            averaged=True,
+            init_policy=balanced_over_sources,
+            strategies=(
+                "robust_inter_training",
+                "robust_ratatouille_uniform",
+                "robust_ratatouille_greedy",
+            ),
+            color="tab:red",
+        ),
+    )
+}
+
+
+def get_arm(name: str) -> Arm:
+    """The registered arm ``name``; ValueError naming the registered ones otherwise."""
+    if name not in ARMS:
+        raise ValueError(f"unknown arm {name!r}: registered arms are {sorted(ARMS)}")
+    return ARMS[name]
+
+
+def arms_where(predicate: Callable[[Arm], bool], names: Sequence[str] | None = None) -> list[str]:
+    """Registered arm names (in registry order, restricted to ``names`` if given) that match."""
+    return [
+        arm.name for arm in ARMS.values() if predicate(arm) and (names is None or arm.name in names)
+    ]
+
+
+__all__ = [
+    "ARMS",
+    "PRETRAINED",
+    "Arm",
+    "InitChoice",
+    "InitDraw",
+    "InitPolicy",
+    "arms_where",
+    "balanced_over_sources",
+    "balanced_sources",
+    "fusing_mixture",
+    "get_arm",
+]

@@ -1,0 +1,210 @@
+"""Typed experiment config, loaded from YAML.
+
+Every section forbids unknown keys: a typo in a sweep config must fail before a cluster
+spends GPU-hours on the wrong experiment, not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ratatouille.core.arms import ARMS
+from ratatouille.core.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file that cannot be used; the message names the file, the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = Field(description="target dataset: a DomainBed name or the embedded 'digits'")
+    root: str | None = Field(None, description="folder holding DomainBed's downloaded datasets")
+    test_envs: list[str | int] | None = Field(
+        None, description="held-out domains to sweep (names or indices); None = every domain"
+    )
+    split_seeds: list[int] = Field([0], min_length=1)
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    image_size: int | None = Field(None, ge=8)
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(_Section):
+    arch: str = "resnet50"
+    init: Literal["hub", "file", "pretrain"] = Field(
+        "hub",
+        description="where phi_pt comes from: timm's hub, a local file, or our pretrain stage",
+    )
+    weights_file: str | None = Field(None, description="safetensors file of phi_pt when init=file")
+    freeze_bn: bool = True
+
+    @model_validator(mode="after")
+    def _weights_file_matches_init(self) -> ModelConfig:
+        if self.init == "file" and not self.weights_file:
+            raise ValueError("init is 'file' but weights_file is not set: give a .safetensors path")
+        if self.init != "file" and self.weights_file:
+            raise ValueError(f"weights_file is set but init is {self.init!r}: set init: file")
+        return self
+
+
+class TrainStageConfig(_Section):
+    """Schedule and default hyperparameters of a plain fine-tuning stage."""
+
+    steps: int = Field(gt=0)
+    checkpoint_freq: int = Field(100, gt=0)
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(32, gt=0, description="examples per domain per step")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class PretrainConfig(TrainStageConfig):
+    task: str = Field(description="dataset of the pre-training task T0")
+
+
+class AuxConfig(_Section):
+    tasks: list[str] = Field(default_factory=list, description="auxiliary datasets T_1..T_K")
+    runs_per_task: int = Field(1, gt=0)
+    steps: int = Field(5001, gt=0)
+    checkpoint_freq: int = Field(100, gt=0)
+    hparams: Literal["default", "mild", "domainbed"] = "default"
+    hparams_override: dict[str, list[float]] = Field(default_factory=dict)
+    robust: bool = Field(False, description="also keep a moving average of the weights (App. E)")
+    extra_sources: list[str] = Field(
+        default_factory=list, description="pool entries imported by hand to use as sources too"
+    )
+
+
+class ProbeConfig(_Section):
+    steps: int = Field(5001, gt=0)
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(32, gt=0)
+
+
+class TargetConfig(_Section):
+    arms: list[str] = Field(
+        ["soups", "ratatouille", "fusing"],
+        min_length=1,
+        description="target arms, names from ratatouille.core.arms.ARMS",
+    )
+    n_runs: int = Field(20, gt=0, description="trials per arm")
+    steps: int | None = Field(None, gt=0, description="None = DomainBed's schedule for the dataset")
+    checkpoint_freq: int | None = Field(None, gt=0)
+    lp_steps: int = Field(200, ge=0, description="featurizer frozen this long after an aux init")
+    hparams: Literal["mild", "domainbed"] = "mild"
+    hparams_override: dict[str, list[float]] = Field(
+        default_factory=dict, description="replace a hyperparameter's grid, e.g. lr: [1e-4, 3e-4]"
+    )
+    fusing_spread: float = Field(4.0, gt=0.0, description="kappa_i ~ U(0, spread), paper F.1")
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_registered(cls, arms: list[str]) -> list[str]:
+        unknown = [arm for arm in arms if arm not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arms {unknown}: registered arms are {list(ARMS)}")
+        return arms
+
+    @model_validator(mode="after")
+    def _arms_unique(self) -> TargetConfig:
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms must not repeat, got {self.arms}")
+        return self
+
+
+class ReduceConfig(_Section):
+    wise_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    lmc_tolerance: float = Field(0.01, ge=0.0)
+    ablation_draws: int = Field(5, gt=0)
+    max_pairs: int = Field(30, gt=0)
+
+
+class ResourcesConfig(_Section):
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    max_failures: int = Field(2, ge=0)
+    images_per_second: float = Field(
+        400.0, gt=0.0, description="assumed throughput per trial, for `ratatouille plan`"
+    )
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI or ./mlflow.db")
+    storage_path: str | None = Field(None, description="Ray storage (local, NFS or s3://)")
+    pool_path: str | None = Field(None, description="None = <storage_path>/pool")
+    registered_model_name: str | None = None
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig | None = None
+    aux: AuxConfig = AuxConfig()
+    probe: ProbeConfig = ProbeConfig()
+    target: TargetConfig = TargetConfig()
+    reduce: ReduceConfig = ReduceConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _stages_consistent(self) -> ExperimentConfig:
+        if self.model.init == "pretrain" and self.pretrain is None:
+            raise ValueError("model.init is 'pretrain' but there is no pretrain section")
+        if self.data.dataset in self.aux.tasks:
+            raise ValueError(
+                f"aux.tasks contains the target dataset {self.data.dataset!r}: it would leak the "
+                "target into its own initializations; remove it"
+            )
+        arms = [ARMS[name] for name in self.target.arms]
+        needs_pool = sorted(arm.name for arm in arms if arm.needs_pool)
+        if needs_pool and not (self.aux.tasks or self.aux.extra_sources):
+            raise ValueError(f"arms {needs_pool} need aux.tasks or aux.extra_sources")
+        for arm in arms:
+            if arm.robust and not self.aux.robust:
+                raise ValueError(f"arm {arm.name} needs aux.robust: true")
+        return self
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and section)"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a mapping into an ExperimentConfig; ConfigError names every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML experiment config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass the path of a YAML config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid config {path}: not valid YAML ({error})") from None
+    return parse_config(raw, str(path))

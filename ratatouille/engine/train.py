@@ -1,0 +1,472 @@
+"""Fine-tuning engine: DomainBed's ERM loop with the paper's recipe (F.1, App. E).
+
+One step takes ``batch_size`` examples from *every* training domain, concatenated, and takes an
+Adam step on the cross-entropy. Every ``checkpoint_freq`` steps (and at the last step) the ID-val
+accuracy, averaged over the training domains, is measured and the weights are kept when it is
+strictly better than the best so far (the reference's model selection). After an auxiliary init
+``(w_lp, phi_i_aux)``, the featurizer is frozen for the first ``lp_steps`` steps (the optimizer
+holds only the head ``w``), then a fresh Adam takes over all parameters.
+
+Resumability: each training domain's batches come from an ``InfiniteLoader`` re-seeded at the
+first step after every checkpoint (seed ``loader_seed(seed, domain, step)``). A snapshot taken
+at a checkpoint therefore needs no loader position, and a resumed run draws exactly the batches
+an uninterrupted run draws. (DomainBed samples with replacement; restarting the shuffle every
+``checkpoint_freq`` steps is as uniform.)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ratatouille.core.names import MetricKey
+from ratatouille.core.seeding import seed_hash
+from ratatouille.data import InfiniteLoader, eval_loader
+from ratatouille.engine.models import Classifier
+
+SNAPSHOT_VERSION = 1
+# Fields that must match between a snapshot and the config that resumes it.
+_RESUME_FIELDS = (
+    "steps",
+    "checkpoint_freq",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "lp_steps",
+    "moving_average",
+    "ma_start",
+    "seed",
+)
+
+
+@dataclass
+class FineTuneConfig:
+    """One fine-tuning run. ``batch_size`` is per training domain (Table 3: 32).
+
+    ``moving_average`` (robust inter-training, App. E) keeps the uniform average of the weights
+    after every step ``>= ma_start`` (default 100, the start of Arpit et al.'s moving average);
+    steps are counted from 0.
+    """
+
+    steps: int
+    checkpoint_freq: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    lp_steps: int = 0
+    moving_average: bool = False
+    ma_start: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 64
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "steps": self.steps,
+            "checkpoint_freq": self.checkpoint_freq,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+        }
+        for name, value in positive.items():
+            if int(value) != value or value < 1:
+                raise ValueError(f"FineTuneConfig.{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            raise ValueError(
+                f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.lp_steps < 0 or self.ma_start < 0 or self.num_workers < 0:
+            raise ValueError("lp_steps, ma_start and num_workers must be >= 0")
+
+
+@dataclass
+class FineTuneResult:
+    best_state: dict[str, Tensor]  # weights at the best ID-val checkpoint (strict >)
+    best_id_val_acc: float
+    best_step: int
+    final_state: dict[str, Tensor]  # last weights (the pool recycles the LAST aux featurizer)
+    average_state: dict[str, Tensor] | None  # moving average (robust inter-training), if enabled
+    history: list[dict] = field(default_factory=list)  # per checkpoint: step, loss, id_val_acc
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; ``.step`` is the step where it happened."""
+
+    def __init__(self, step: int, loss: float, lr: float) -> None:
+        self.step, self.loss, self.lr = step, loss, lr
+        super().__init__(
+            f"training diverged at step {step}: loss is {loss}. Lower the learning rate "
+            f"(lr={lr:g}) or check the inputs for NaN/inf."
+        )
+
+    def __reduce__(self) -> tuple:  # Ray ships worker exceptions pickled
+        return type(self), (self.step, self.loss, self.lr)
+
+
+def loader_seed(seed: int, domain: int, start_step: int) -> int:
+    """Seed of domain ``domain``'s batch stream from ``start_step`` on (see module docstring)."""
+    return seed_hash("train_loader", seed, domain, start_step)
+
+
+def autocast_for(device: torch.device | str) -> AbstractContextManager:
+    """bf16 autocast on CUDA, full precision elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _fork_rng(device: torch.device) -> AbstractContextManager:
+    # Evaluation must not consume the training RNG: trajectories then do not depend on how
+    # often one evaluates, and snapshots taken after an evaluation stay exact.
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits N x C float32, labels N int64)`` of ``model`` in eval mode, in dataset order."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        with _fork_rng(device):
+            for x, y in eval_loader(dataset, batch_size=batch_size, num_workers=num_workers):
+                with autocast_for(device):
+                    out = model(x.to(device, non_blocking=True))
+                logits.append(out.float().cpu())
+                labels.append(torch.as_tensor(y))
+    finally:
+        model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).long().numpy()
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    datasets: Sequence[Dataset],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> float:
+    """Accuracy averaged over ``datasets`` (DomainBed's ID-val score: mean over domains)."""
+    if len(datasets) == 0:
+        raise ValueError("evaluate_accuracy needs at least one dataset")
+    accs = []
+    for dataset in datasets:
+        logits, labels = predict_logits(model, dataset, batch_size, device, num_workers)
+        accs.append(float((logits.argmax(1) == labels).mean()))
+    return float(np.mean(accs))
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class _MovingAverage:
+    """Uniform running mean of the floating entries of the state dict (App. E)."""
+
+    def __init__(self, state: Mapping[str, Tensor] | None = None, count: int = 0) -> None:
+        self.state = None if state is None else {k: v.clone() for k, v in state.items()}
+        self.count = count
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        self.count += 1
+        if self.state is None:
+            self.state = {
+                k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+                for k, v in current.items()
+            }
+            return
+        for key, value in current.items():
+            if value.is_floating_point():
+                self.state[key].add_(value.float() - self.state[key], alpha=1.0 / self.count)
+            else:
+                self.state[key].copy_(value)
+
+    def result(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        assert self.state is not None
+        return {k: v.to("cpu", dtype=like[k].dtype, copy=True) for k, v in self.state.items()}
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _check_snapshot(resume: Mapping, cfg: FineTuneConfig) -> None:
+    if resume.get("version") != SNAPSHOT_VERSION:
+        raise ValueError(
+            f"snapshot version {resume.get('version')!r} is not {SNAPSHOT_VERSION}: "
+            "it was written by another version of ratatouille; restart the run"
+        )
+    saved = resume["config"]
+    diff = [
+        f"{k}: {saved[k]!r} != {getattr(cfg, k)!r}"
+        for k in _RESUME_FIELDS
+        if saved[k] != getattr(cfg, k)
+    ]
+    if diff:
+        raise ValueError(
+            "cannot resume: the snapshot was taken with another config ("
+            + "; ".join(diff)
+            + "); resume with the original config"
+        )
+
+
+def _to_cpu(obj: object) -> object:
+    """Deep copy with every tensor on the CPU (snapshots must not alias live training state)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class _FineTuning:
+    """The mutable state of one run; ``snapshot``/``restore`` make it resumable."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        train: Sequence[Dataset],
+        id_val: Sequence[Dataset],
+        cfg: FineTuneConfig,
+    ) -> None:
+        self.model, self.train, self.id_val, self.cfg = model, list(train), list(id_val), cfg
+        self.device = torch.device(cfg.device)
+        self.step = -1  # last completed step
+        self.best_state: dict[str, Tensor] | None = None
+        self.best_acc, self.best_step = -math.inf, -1
+        self.history: list[dict] = []
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.ma = _MovingAverage() if cfg.moving_average else None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_phase: str | None = None
+        self.batches: list[Iterator] | None = None
+        self.trainable = {n: p.requires_grad for n, p in model.featurizer.named_parameters()}
+
+    def phase(self, step: int) -> str:
+        return "head" if step < self.cfg.lp_steps else "all"
+
+    def enter_phase(self, phase: str, optimizer_state: Mapping | None = None) -> None:
+        """'head': featurizer frozen, Adam over ``w`` only; 'all': a fresh Adam over everything."""
+        self.restore_trainable(frozen=phase == "head")
+        params = self.model.head.parameters() if phase == "head" else self.model.parameters()
+        self.optimizer = torch.optim.Adam(
+            [p for p in params if p.requires_grad],
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+        )
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(dict(optimizer_state))
+        self.optimizer_phase = phase
+
+    def restore_trainable(self, frozen: bool = False) -> None:
+        for name, param in self.model.featurizer.named_parameters():
+            param.requires_grad_(self.trainable[name] and not frozen)
+
+    def open_loaders(self, step: int) -> list[Iterator]:
+        return [
+            iter(
+                InfiniteLoader(
+                    d,
+                    self.cfg.batch_size,
+                    loader_seed(self.cfg.seed, i, step),
+                    num_workers=self.cfg.num_workers,
+                )
+            )
+            for i, d in enumerate(self.train)
+        ]
+
+    def train_step(self, step: int) -> None:
+        if self.batches is None:  # first step after a checkpoint (or of the run): re-seed
+            self.batches = self.open_loaders(step)
+        if self.optimizer_phase != self.phase(step):
+            self.enter_phase(self.phase(step))
+        xs, ys = zip(*(next(batches) for batches in self.batches))
+        x = torch.cat(xs).to(self.device, non_blocking=True)
+        y = torch.cat([torch.as_tensor(t) for t in ys]).long().to(self.device, non_blocking=True)
+        with autocast_for(self.device):
+            loss = F.cross_entropy(self.model(x), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(step, value, self.cfg.lr)
+        assert self.optimizer is not None, "enter_phase() opens the optimizer before any step"
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.ma is not None and step >= self.cfg.ma_start:
+            self.ma.update(self.model)
+        self.loss_sum += value
+        self.loss_count += 1
+        self.step = step
+
+    def checkpoint(self, on_checkpoint: Callable | None) -> None:
+        cfg = self.cfg
+        acc = evaluate_accuracy(
+            self.model, self.id_val, cfg.eval_batch_size, self.device, cfg.num_workers
+        )
+        record = {
+            MetricKey.STEP: self.step,
+            MetricKey.LOSS: self.loss_sum / max(self.loss_count, 1),
+            MetricKey.ID_VAL_ACC: acc,
+        }
+        self.history.append(record)
+        self.loss_sum, self.loss_count = 0.0, 0
+        if acc > self.best_acc:  # strict: ties keep the earlier weights, as the reference
+            self.best_acc, self.best_step = acc, self.step
+            self.best_state = _cpu_state(self.model)
+        self.batches = None
+        if on_checkpoint is not None:
+            metrics = {
+                **record,
+                MetricKey.BEST_ID_VAL_ACC: self.best_acc,
+                MetricKey.BEST_STEP: self.best_step,
+            }
+            on_checkpoint(self.step, metrics, self.snapshot)
+
+    def snapshot(self) -> dict:
+        """Everything needed to continue bit-identically (loader seeds derive from the step)."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "config": asdict(self.cfg),
+            "step": self.step,
+            "model": _cpu_state(self.model),
+            "optimizer": _to_cpu(self.optimizer.state_dict() if self.optimizer else None),
+            "optimizer_phase": self.optimizer_phase,
+            "best_state": self.best_state,
+            "best_id_val_acc": self.best_acc,
+            "best_step": self.best_step,
+            "history": copy.deepcopy(self.history),
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "ma_state": None if self.ma is None else _to_cpu(self.ma.state),
+            "ma_count": 0 if self.ma is None else self.ma.count,
+            "rng": _rng_state(self.device),
+            "loader_seeds": [
+                loader_seed(self.cfg.seed, i, self.step + 1) for i in range(len(self.train))
+            ],
+        }
+
+    def restore(self, snap: Mapping) -> None:
+        _check_snapshot(snap, self.cfg)
+        self.model.load_state_dict(snap["model"])
+        self.step = int(snap["step"])
+        self.best_state = snap["best_state"]
+        self.best_acc, self.best_step = snap["best_id_val_acc"], snap["best_step"]
+        self.history = copy.deepcopy(list(snap["history"]))
+        self.loss_sum, self.loss_count = snap["loss_sum"], snap["loss_count"]
+        if self.ma is not None:
+            state = snap["ma_state"]
+            self.ma = _MovingAverage(
+                None if state is None else {k: v.to(self.device) for k, v in state.items()},
+                snap["ma_count"],
+            )
+        following = self.phase(self.step + 1)
+        same = snap["optimizer_phase"] == following
+        self.enter_phase(following, snap["optimizer"] if same else None)
+        _set_rng_state(snap["rng"], self.device)
+
+    def result(self) -> FineTuneResult:
+        final = _cpu_state(self.model)
+        average = None if self.ma is None else self.ma.result(final)
+        assert self.best_state is not None, "the last step is always evaluated"
+        return FineTuneResult(
+            best_state=self.best_state,
+            best_id_val_acc=self.best_acc,
+            best_step=self.best_step,
+            final_state=final,
+            average_state=average,
+            history=self.history,
+        )
+
+
+def _check_inputs(
+    model: nn.Module, train: Sequence[Dataset], id_val: Sequence[Dataset], cfg: FineTuneConfig
+) -> None:
+    if not (hasattr(model, "featurizer") and hasattr(model, "head")):
+        raise ValueError("fine_tune needs a models.Classifier (with .featurizer and .head)")
+    if len(train) == 0 or len(id_val) == 0:
+        raise ValueError("fine_tune needs at least one training domain and its ID-val split")
+    if cfg.moving_average and cfg.ma_start >= cfg.steps:
+        raise ValueError(
+            f"moving_average starts at step {cfg.ma_start} but the run has only "
+            f"{cfg.steps} steps: lower ma_start"
+        )
+
+
+def fine_tune(
+    model: nn.Module,
+    train: Sequence[Dataset],
+    id_val: Sequence[Dataset],
+    cfg: FineTuneConfig,
+    *,
+    resume: Mapping | None = None,
+    on_checkpoint: Callable[[int, dict, Callable[[], dict]], None] | None = None,
+) -> FineTuneResult:
+    """Fine-tune ``model`` in place (Adam, per-domain batches, ID-val selection; see module doc).
+
+    ``on_checkpoint(step, metrics, snapshot)`` runs at every checkpoint; ``snapshot()`` returns a
+    dict that ``fine_tune(..., resume=that_dict)`` continues from, ending with the same weights
+    as an uninterrupted run (bit-identical on CPU). The model passed with ``resume`` must have the
+    same architecture; its weights are replaced by the snapshot's.
+    Raises ``TrainingDiverged`` on a NaN/inf loss.
+    """
+    _check_inputs(model, train, id_val, cfg)
+    model.to(cfg.device)
+    run = _FineTuning(cast(Classifier, model), train, id_val, cfg)  # checked: featurizer + head
+    if resume is not None:
+        run.restore(resume)
+    else:
+        _seed_everything(cfg.seed)
+    model.train()
+    try:
+        for step in range(run.step + 1, cfg.steps):
+            run.train_step(step)
+            if step % cfg.checkpoint_freq == 0 or step == cfg.steps - 1:
+                run.checkpoint(on_checkpoint)
+    finally:
+        run.restore_trainable()
+        run.batches = None
+    return run.result()

@@ -1,0 +1,231 @@
+"""`ratatouille run`: the stages in order, from one driver.
+
+pretrain (when phi_pt is ours) -> auxiliary pool -> linear probes (w_lp) -> target arms -> reducer.
+Reusable artefacts (phi_pt, pool entries) live outside the run folder, keyed by what made them,
+so later experiments and other test domains reuse them instead of training them again.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ratatouille.core.config import ExperimentConfig, parse_config
+from ratatouille.core.errors import UserError
+from ratatouille.core.names import PRETRAINED, MetricKey, Stage, WeightsFile
+from ratatouille.engine.models import create_featurizer
+from ratatouille.orchestration.reporting import Outcome, reduce_and_log
+from ratatouille.orchestration.search import (
+    StageRunner,
+    SweepIncomplete,
+    TrialOutcome,
+    connect_ray,
+    new_run_dir,
+    read_weights,
+    storage_root,
+)
+from ratatouille.pool.store import Pool
+from ratatouille.recipe.checks import check_experiment, experiment_cells
+from ratatouille.recipe.specs import AuxSpec, Cell, ProbeSpec
+from ratatouille.recipe.stages import StateDict, context_for
+from ratatouille.recipe.sweep import (
+    arm_sources,
+    aux_specs,
+    pretrain_spec,
+    pretrained_identity,
+    probe_specs,
+    robust_name,
+    target_specs,
+)
+from ratatouille.tracking.store import (
+    RUN_DIR,
+    Tracker,
+    TrackingError,
+    latest_parent,
+    read_config_text,
+)
+
+
+class PipelineError(UserError):
+    """A run that cannot start; the message says what to change."""
+
+
+@dataclass
+class SweepState:
+    """What the stages produced, in memory, for the reducer."""
+
+    cells: list[Cell]
+    featurizers: dict[str, StateDict]
+    heads: dict[str, StateDict]
+    targets: list[TrialOutcome] = field(default_factory=list)
+
+
+def pool_path(config: ExperimentConfig) -> Path:
+    if config.tracking.pool_path:
+        return Path(config.tracking.pool_path).expanduser().resolve()
+    storage = storage_root(config)
+    if "://" in storage:
+        raise PipelineError(
+            f"storage_path {storage} is remote: set tracking.pool_path to a "
+            "folder on the head node or on shared storage (NFS/EFS)"
+        )
+    return Path(storage) / "pool"
+
+
+def _pretrained(config: ExperimentConfig, runner: StageRunner) -> dict[str, StateDict]:
+    """phi_pt: timm's hub or a local file, read once here and shipped to every trial, or ours
+    from the pretrain stage (kept in a pool beside the auxiliary pool)."""
+    if config.model.init != "pretrain":
+        featurizer = create_featurizer(
+            config.model.arch, config.model.weights_file, pretrained_hub=config.model.init == "hub"
+        )
+        return {PRETRAINED: featurizer.state_dict()}
+    store = Pool(pool_path(config).parent / "pretrained")
+    name = pretrained_identity(config)
+    spec = pretrain_spec(config)
+    if name not in store and spec is not None:
+        (outcome,) = runner.run(Stage.PRETRAIN, [spec], context_for(config))
+        store.add(
+            name,
+            _weights(outcome, WeightsFile.FEATURIZER),
+            source_task=spec.task,
+            arch=config.model.arch,
+            id_val_acc=outcome.metrics[MetricKey.FINAL_ID_VAL_ACC],
+        )
+    return {PRETRAINED: store.load(name, expected_arch=config.model.arch)}
+
+
+def _fill_pool(
+    config: ExperimentConfig, runner: StageRunner, pool: Pool, featurizers: dict[str, StateDict]
+) -> None:
+    """Train the auxiliary fine-tunings the pool lacks; skip those it has (target-agnostic)."""
+    missing = [
+        spec
+        for spec in aux_specs(config)
+        if spec.name not in pool or (spec.robust and robust_name(spec.name) not in pool)
+    ]
+    outcomes = runner.run(Stage.AUX, list(missing), context_for(config, featurizers=featurizers))
+    for outcome in outcomes:
+        spec, metrics = outcome.spec, outcome.metrics
+        assert isinstance(spec, AuxSpec)
+        pool.add(
+            spec.name,
+            _weights(outcome, WeightsFile.FEATURIZER),
+            source_task=spec.task,
+            arch=config.model.arch,
+            id_val_acc=metrics[MetricKey.FINAL_ID_VAL_ACC],
+            overwrite=True,
+        )
+        if spec.robust:
+            pool.add(
+                robust_name(spec.name),
+                _weights(outcome, WeightsFile.FEATURIZER_MA),
+                source_task=spec.task,
+                arch=config.model.arch,
+                robust=True,
+                id_val_acc=metrics.get(MetricKey.MA_ID_VAL_ACC),
+                overwrite=True,
+            )
+
+
+def _weights(outcome: TrialOutcome, name: WeightsFile) -> StateDict:
+    assert outcome.checkpoint is not None, f"trial {outcome.spec.trial_name} kept no checkpoint"
+    return read_weights(outcome.checkpoint, name)
+
+
+def _sources(config: ExperimentConfig, pool: Pool) -> dict[str, StateDict]:
+    names = {
+        name
+        for arm in config.target.arms
+        for group in arm_sources(config, arm)
+        for name in group
+        if name != PRETRAINED
+    }
+    missing = sorted(name for name in names if name not in pool)
+    if missing:
+        raise PipelineError(
+            f"pool {pool.root} lacks {missing}: import them with "
+            "`ratatouille pool import` or remove them from aux.extra_sources"
+        )
+    return {name: pool.load(name, expected_arch=config.model.arch) for name in sorted(names)}
+
+
+def _probe_cell(outcome: TrialOutcome) -> Cell:
+    assert isinstance(outcome.spec, ProbeSpec)
+    return outcome.spec.cell
+
+
+def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
+    """Every training stage; returns what the reducer needs."""
+    featurizers = _pretrained(config, runner)
+    pool = Pool(pool_path(config))
+    if config.aux.tasks:
+        _fill_pool(config, runner, pool, featurizers)
+    featurizers.update(_sources(config, pool))
+    cells = experiment_cells(config)
+    base = {PRETRAINED: featurizers[PRETRAINED]}
+    probes = runner.run(
+        Stage.PROBE, list(probe_specs(config, cells)), context_for(config, featurizers=base)
+    )
+    heads = {_probe_cell(o).key: _weights(o, WeightsFile.HEAD) for o in probes}
+    context = context_for(config, featurizers=featurizers, heads=heads)
+    targets = runner.run(Stage.TARGET, list(target_specs(config, cells)), context)
+    return SweepState(cells, featurizers, heads, targets)
+
+
+def open_run(config: ExperimentConfig, continue_last: bool) -> tuple[Tracker, str]:
+    """The MLflow parent run and run folder: a new pair, or the latest one to continue."""
+    tracker = Tracker(config.name, config.tracking.mlflow_uri)
+    if not continue_last:
+        run_dir = new_run_dir(config)
+        tracker.start_parent(run_dir, config.model_dump(mode="json"))
+        return tracker, run_dir
+    try:
+        _, parent = latest_parent(config.name, tracker.uri)
+    except TrackingError as error:
+        raise PipelineError(
+            f"nothing to resume for experiment {config.name!r} ({error}); "
+            "run without --resume first"
+        ) from None
+    run_dir = parent.data.tags[RUN_DIR]
+    tracker.start_parent(run_dir, config.model_dump(mode="json"), resume_run_id=parent.info.run_id)
+    return tracker, run_dir
+
+
+def run_pipeline(
+    config: ExperimentConfig, *, resume: bool = False, reduce_only: bool = False
+) -> Outcome:
+    """`ratatouille run` (and `reduce`, which restores every stage and only reduces).
+
+    Every check of the user's input runs first: a bad config stops before Ray or MLflow start.
+    """
+    check_experiment(config)
+    tracker, run_dir = open_run(config, continue_last=resume or reduce_only)
+    print(f"ray: {connect_ray()}", file=sys.stderr)
+    runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only)
+    try:
+        state = run_stages(config, runner)
+        outcome = reduce_and_log(config, state, tracker)
+    except (SweepIncomplete, KeyboardInterrupt):
+        tracker.finish_parent("KILLED")
+        raise
+    except Exception:
+        tracker.finish_parent("FAILED")
+        raise
+    tracker.finish_parent()
+    return outcome
+
+
+def reduce_latest(experiment: str | None, tracking_uri: str | None) -> Outcome:
+    """`ratatouille reduce`: the latest run of an experiment, every stage restored, reduced
+    again."""
+    tracker, parent = latest_parent(experiment, tracking_uri)
+    config = parse_config(
+        yaml.safe_load(read_config_text(tracker)),
+        f"the config logged with run {parent.info.run_id}",
+    )
+    config.tracking.mlflow_uri = tracker.uri
+    return run_pipeline(config, reduce_only=True)

@@ -1,0 +1,200 @@
+"""From the trained stages to the answer: reduce every cell, log it to MLflow, print the table.
+
+The reducer of a cell runs where the trials ran (a Ray task with a trial's resources), because
+evaluating dozens of networks on a CPU head node would take longer than training them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from ratatouille.core.arms import arms_where
+from ratatouille.core.config import ExperimentConfig
+from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
+from ratatouille.data import target_splits
+from ratatouille.engine.models import build_classifier, join_state
+from ratatouille.orchestration.search import TrialOutcome, read_weights, run_remote
+from ratatouille.recipe.specs import Cell, TargetSpec, cell_key
+from ratatouille.recipe.stages import StateDict, context_for
+from ratatouille.reducer.plots import figures as cell_figures
+from ratatouille.reducer.reduce import (
+    ReduceInputs,
+    ReduceResult,
+    ReduceSettings,
+    TargetRun,
+    reduce_cell,
+)
+from ratatouille.reducer.summary import format_table, long_form, summarize
+
+REPORT_MD = "report.md"
+
+
+@dataclass
+class Outcome:
+    """What `ratatouille run` / `reduce` hand back: the table and where to look further."""
+
+    experiment: str
+    table_markdown: str
+    tracking_uri: str
+    parent_run_id: str
+    final_strategies: dict[str, str]
+
+
+def _target_spec(outcome: TrialOutcome) -> TargetSpec:
+    assert isinstance(outcome.spec, TargetSpec)
+    return outcome.spec
+
+
+def _target_runs(outcomes: list[TrialOutcome]) -> list[TargetRun]:
+    runs = []
+    for outcome in outcomes:
+        spec = _target_spec(outcome)
+        assert outcome.checkpoint is not None, f"{spec.trial_name} kept no best checkpoint"
+        runs.append(
+            TargetRun(
+                run_id=f"{spec.arm}-{spec.run}",
+                arm=spec.arm,
+                init_source=spec.init_source,
+                id_val_acc=float(outcome.metrics[MetricKey.BEST_ID_VAL_ACC]),
+                # loaded inside the reducer's task, where the checkpoint is read
+                load_state=functools.partial(read_weights, outcome.checkpoint, WeightsFile.MODEL),
+                hparams=dict(vars(spec.hparams)),
+            )
+        )
+    return runs
+
+
+def _recycled_sources(runs: list[TargetRun]) -> list[str]:
+    """Pool entries for Hypothesis 1: those of the first recycling arm of the registry that has
+    runs, so a curve never joins a featurizer to its own moving average."""
+    for arm in arms_where(lambda a: a.recycles):
+        names = sorted({r.init_source for r in runs if r.arm == arm} - {PRETRAINED})
+        if names:
+            return names
+    return []
+
+
+def reduce_one_cell(
+    config: ExperimentConfig, cell: Cell, runs: list[TargetRun], featurizers: dict, w_lp: dict
+) -> ReduceResult:
+    """Build one cell's reducer inputs where the data lives, and reduce it."""
+    context = context_for(config)
+    dataset = context.dataset(config.data.dataset)
+    splits = target_splits(dataset, [cell.test_env], cell.split_seed, config.data.holdout_fraction)
+    phi_pt = featurizers[PRETRAINED]
+    build = functools.partial(
+        build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
+    )
+    pool_loaders: dict[str, Callable[[], StateDict]] = {
+        name: functools.partial(dict, featurizers[name]) for name in _recycled_sources(runs)
+    }
+    settings = ReduceSettings(
+        wise_alpha=config.reduce.wise_alpha,
+        lmc_tolerance=config.reduce.lmc_tolerance,
+        ablation_draws=config.reduce.ablation_draws,
+        max_pairs=config.reduce.max_pairs,
+        seed=config.seed,
+        device=context.device(),
+    )
+    inputs = ReduceInputs(
+        test_domain=cell.test_domain,
+        split_seed=cell.split_seed,
+        runs=runs,
+        build_model=build,
+        id_val=splits.id_val,
+        ood_test=splits.ood_test,
+        init_state=join_state(phi_pt, w_lp),
+        w_lp=w_lp,
+        pool_featurizers=pool_loaders,
+        settings=settings,
+    )
+    return reduce_cell(inputs)
+
+
+def reduce_metrics(results: dict[tuple[str, int], ReduceResult]) -> dict[str, float]:
+    """MLflow metrics: means over cells, and per cell when there are several."""
+    long = long_form(results)
+    metrics: dict[str, float] = {}
+    for strategy, rows in long.groupby("strategy"):
+        metrics[f"ood_acc/{strategy}"] = rows.ood_acc.mean()
+        metrics[f"id_val_acc/{strategy}"] = rows.id_val_acc.mean()
+        if len(results) > 1:
+            for row in rows.itertuples():
+                metrics[f"ood_acc/{strategy}/{cell_key(row.test_domain, row.split_seed)}"] = (
+                    row.ood_acc
+                )
+    diversity = pd.concat([r.diversity for r in results.values()], ignore_index=True)
+    for arm, rows in diversity.groupby("arm"):
+        metrics[f"q_diversity/{arm}"] = rows.q_diversity.mean()
+        metrics[f"ratio_error/{arm}"] = rows.ratio_error.mean()
+    return {key: float(value) for key, value in metrics.items() if pd.notna(value)}
+
+
+def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcome:
+    """Reduce every cell (as Ray tasks), then log metrics, tables, figures and the model."""
+    by_cell: dict[str, list[TrialOutcome]] = {cell.key: [] for cell in state.cells}
+    for outcome in state.targets:
+        by_cell[_target_spec(outcome).cell.key].append(outcome)
+    pending = {
+        cell: run_remote(
+            reduce_one_cell,
+            config.resources,
+            config,
+            cell,
+            _target_runs(by_cell[cell.key]),
+            state.featurizers,
+            state.heads[cell.key],
+        )
+        for cell in state.cells
+    }
+    results = {(cell.test_domain, cell.split_seed): future() for cell, future in pending.items()}
+    summary = summarize(results)
+    table = format_table(summary)
+    figures = {}
+    for (domain, seed), result in results.items():
+        suffix = "" if len(results) == 1 else f"_{cell_key(domain, seed)}"
+        figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
+    run_id = tracker.log_reduction(
+        reduce_metrics(results), long_form(results), figures, {REPORT_MD: table + "\n"}
+    )
+    _log_models(config, tracker, run_id, results)
+    return Outcome(
+        config.name,
+        table,
+        tracker.uri,
+        tracker.parent_id,
+        {cell_key(d, s): r.final_strategy for (d, s), r in results.items()},
+    )
+
+
+def _log_models(
+    config: ExperimentConfig,
+    tracker: Any,
+    run_id: str,
+    results: dict[tuple[str, int], ReduceResult],
+) -> None:
+    """One final model per cell (each trained without its test domain), all registered under
+    one name; their tags say which held-out domain and split each version belongs to."""
+    name = config.tracking.registered_model_name or f"{config.name}-ratatouille"
+    for result in results.values():
+        num_classes = result.final_model_state["head.weight"].shape[0]
+        model = build_classifier(config.model.arch, num_classes, freeze_bn=config.model.freeze_bn)
+        model.load_state_dict(result.final_model_state)
+        cell = cell_key(result.test_domain, result.split_seed)
+        tracker.log_final_model(
+            run_id,
+            model.eval(),
+            name,
+            artifact_name=f"model-{cell}",
+            tags={
+                "strategy": result.final_strategy,
+                "test_domain": result.test_domain,
+                "split_seed": str(result.split_seed),
+            },
+        )
+    tracker.finish_run(run_id)

@@ -1,0 +1,310 @@
+"""Ray Tune, and only here: one `Tuner.fit()` per stage, driven from one process.
+
+Trials run `ratatouille.recipe.stages` bodies; the driver ships them their initial weights through
+the object store (`tune.with_parameters`), so workers need no shared filesystem for the pool, only
+Tune's storage for checkpoints. MLflow is written by the driver through a Tune callback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+import torch
+from ray import tune
+from safetensors.torch import load_file, save_file
+
+from ratatouille.core.config import ExperimentConfig
+from ratatouille.core.names import (
+    TRAIN_STATE_FILE,
+    MetricKey,
+    Stage,
+    WeightsFile,
+)
+from ratatouille.recipe.specs import TrialSpec, spec_from_plain
+from ratatouille.recipe.stages import StateDict, TrialContext, run_trial
+
+if TYPE_CHECKING:  # workers unpickle this module: keep mlflow out of their imports
+    from ratatouille.tracking.store import Tracker
+
+TUNE_QUIET = {
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Tune's own table reporter (CLIReporter) needs the legacy output engine: the new
+    # one shows the whole spec as one column and ignores parameter_columns.
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+#: Columns of Tune's progress table: a trial's readable fields, then its progress.
+PARAMETER_COLUMNS = {
+    "spec/arm": "arm",
+    "spec/task": "task",
+    "spec/test_domain": "test domain",
+    "spec/run": "run",
+    "spec/init_source": "init source",
+    "spec/lr": "lr",
+}
+METRIC_COLUMNS = {MetricKey.STEP.value: "step", MetricKey.BEST_ID_VAL_ACC.value: "best ID-val acc"}
+PROGRESS_INTERVAL_S = 30
+
+
+class SweepIncomplete(RuntimeError):
+    """Some trials of a stage failed or never ran; finished ones are kept for --resume."""
+
+
+def connect_ray() -> str:
+    """Attach to a running cluster (e.g. under `ray submit`), else start a local Ray."""
+    for key, value in TUNE_QUIET.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return "attached (already initialized)"
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        return "attached to a running cluster"
+    except ConnectionError:
+        ray.init(include_dashboard=False, log_to_driver=False)
+        return "started a local Ray"
+
+
+def storage_root(config: ExperimentConfig) -> str:
+    """Absolute local path or a URI: Tune's storage for every stage's trials and checkpoints."""
+    configured = config.tracking.storage_path
+    if configured and "://" in configured:
+        return configured.rstrip("/")
+    return str(Path(configured or "ray_results").expanduser().resolve())
+
+
+# -- inside a trial ---------------------------------------------------------------------------
+class TuneReporter:
+    """Bridges `stages.Reporter` to `tune.report` and Tune checkpoints; every report also says
+    where the trial runs (node, GPU ids), so users can see the placement in MLflow."""
+
+    def __init__(self) -> None:
+        self.placement = {
+            MetricKey.NODE_ID.value: ray.get_runtime_context().get_node_id(),
+            MetricKey.GPU_IDS.value: ",".join(str(i) for i in ray.get_gpu_ids()),
+        }
+
+    def report(
+        self,
+        metrics: Mapping[str, Any],
+        *,
+        weights: Mapping[WeightsFile, StateDict] | None = None,
+        train_state: Mapping[str, Any] | None = None,
+    ) -> None:
+        row = {**{str(key): value for key, value in metrics.items()}, **self.placement}
+        if not weights and train_state is None:
+            tune.report(row)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            for name, state in (weights or {}).items():
+                tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+                save_file(tensors, os.path.join(folder, WeightsFile(name).filename))
+            if train_state is not None:
+                torch.save(dict(train_state), os.path.join(folder, TRAIN_STATE_FILE))
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    def restored_state(self) -> dict[str, Any] | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            path = os.path.join(folder, TRAIN_STATE_FILE)
+            # Our own checkpoint, written by this trial: optimizer and RNG states need pickle.
+            return torch.load(path, weights_only=False) if os.path.exists(path) else None
+
+
+def trial_threads() -> int:
+    """The CPUs Ray gave this trial (Ray's launcher exports OMP_NUM_THREADS=1)."""
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    return max(1, int(cpus))
+
+
+def _trainable(config: dict[str, Any], context: TrialContext) -> None:
+    torch.set_num_threads(trial_threads())
+    run_trial(spec_from_plain(config["spec"]), context, TuneReporter())
+
+
+# -- the driver -------------------------------------------------------------------------------
+@dataclass
+class TrialOutcome:
+    spec: TrialSpec
+    metrics: dict[str, Any]
+    checkpoint: tune.Checkpoint | None
+
+
+def read_weights(checkpoint: tune.Checkpoint, name: WeightsFile) -> StateDict:
+    """A safetensors file of a trial's checkpoint (local or remote storage)."""
+    with checkpoint.as_directory() as folder:
+        return load_file(os.path.join(folder, name.filename))
+
+
+def _spec_of(trial: Any) -> TrialSpec:
+    return spec_from_plain(trial.config["spec"])
+
+
+_LIVE_TRACKERS: dict[str, Tracker] = {}
+
+
+class MlflowTrialCallback(tune.Callback):
+    """One MLflow child run per trial, written from the driver (one writer).
+
+    `Tuner.restore` brings back the callbacks pickled with the first run; this one therefore keeps
+    only the parent run id and writes through the tracker of the current process.
+    """
+
+    def __init__(self, tracker: Tracker):
+        assert tracker.parent_id is not None, "start the parent run before the stages"
+        self.parent_id = tracker.parent_id
+        _LIVE_TRACKERS[self.parent_id] = tracker
+
+    @property
+    def tracker(self) -> Tracker:
+        return _LIVE_TRACKERS[self.parent_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        spec = _spec_of(trial)
+        self.tracker.trial_started(spec.key, spec.trial_name, spec.stage, spec.to_plain())
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.tracker.trial_result(_spec_of(trial).key, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.tracker.trial_finished(_spec_of(trial).key, metrics=trial.last_result)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.tracker.trial_restarted(_spec_of(trial).key)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.tracker.trial_finished(_spec_of(trial).key, failed=True)
+
+
+def _trial_name(trial: Any) -> str:
+    return _spec_of(trial).trial_name
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"{_trial_name(trial)}_{trial.trial_id}"
+
+
+@dataclass
+class StageRunner:
+    """Runs the stages of one `ratatouille run` under `<storage>/<name>/<run>/<stage>`."""
+
+    config: ExperimentConfig
+    run_dir: str
+    tracker: Tracker
+    resume: bool = False
+    restore_only: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.tracker.parent_id is not None, "start the parent run before the stages"
+        _LIVE_TRACKERS[self.tracker.parent_id] = self.tracker
+
+    def _resources(self) -> dict[str, float]:
+        res = self.config.resources
+        return {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+
+    def _trainable(self, context: TrialContext) -> Any:
+        return tune.with_resources(
+            tune.with_parameters(_trainable, context=context), self._resources()
+        )
+
+    def _new_tuner(self, stage: Stage, specs: list[TrialSpec], trainable: Any) -> tune.Tuner:
+        keep_best = stage == Stage.TARGET
+        checkpoints = tune.CheckpointConfig(
+            num_to_keep=1,
+            checkpoint_score_attribute=MetricKey.BEST_ID_VAL_ACC.value if keep_best else None,
+            checkpoint_score_order="max",
+        )
+        progress = tune.CLIReporter(
+            parameter_columns={
+                k: v
+                for k, v in PARAMETER_COLUMNS.items()
+                if k.removeprefix("spec/") in specs[0].to_plain()
+            },
+            metric_columns=METRIC_COLUMNS,
+            max_report_frequency=PROGRESS_INTERVAL_S,
+            sort_by_metric=False,
+            # explicit: its default follows the verbosity the previous Tuner left set globally
+            print_intermediate_tables=True,
+        )
+        return tune.Tuner(
+            trainable,
+            param_space={"spec": tune.grid_search([spec.to_plain() for spec in specs])},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=self.config.resources.max_concurrent_trials,
+                reuse_actors=True,  # a new actor per trial re-imports torch and timm
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=str(stage),
+                storage_path=self.run_dir,
+                verbose=1,
+                progress_reporter=progress,
+                checkpoint_config=checkpoints,
+                failure_config=tune.FailureConfig(max_failures=self.config.resources.max_failures),
+                callbacks=[MlflowTrialCallback(self.tracker)],
+            ),
+        )
+
+    def run(
+        self, stage: Stage, specs: list[TrialSpec], context: TrialContext
+    ) -> list[TrialOutcome]:
+        """Fit (or restore and finish) one stage; every trial must end without error."""
+        if not specs:
+            return []
+        path = f"{self.run_dir}/{stage}"
+        trainable = self._trainable(context)
+        if (self.resume or self.restore_only) and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        elif self.restore_only:
+            raise SweepIncomplete(
+                f"stage {stage!r} has no results under {path}: "
+                "run `ratatouille run CONFIG --resume` to finish the sweep"
+            )
+        else:
+            tuner = self._new_tuner(stage, specs, trainable)
+        grid = tuner.get_results() if self.restore_only else tuner.fit()
+        outcomes = self._outcomes(stage, grid, expected=len(specs))
+        # Tune's result order differs between fit and restore; the reducer breaks ties by order.
+        order = {spec.key: index for index, spec in enumerate(specs)}
+        return sorted(outcomes, key=lambda o: order.get(o.spec.key, len(order)))
+
+    def _outcomes(self, stage: Stage, grid: Any, expected: int) -> list[TrialOutcome]:
+        failed = [
+            r
+            for r in grid
+            if r.error is not None or not (r.metrics or {}).get(MetricKey.DONE.value)
+        ]
+        if failed or len(grid) != expected:
+            first = next((r.error for r in failed if r.error is not None), "did not finish")
+            raise SweepIncomplete(
+                f"stage {str(stage)!r}: {len(failed)} of {expected} trials failed or did not "
+                f"finish (first: {str(first).strip().splitlines()[-1] if str(first) else first}). "
+                "Finished trials are kept: fix the cause, then `ratatouille run CONFIG --resume`."
+            )
+        return [
+            TrialOutcome(spec_from_plain(r.config["spec"]), dict(r.metrics), r.checkpoint)
+            for r in grid
+        ]
+
+
+def run_remote(fn, resources, *args: Any):
+    """Run ``fn(*args)`` as a Ray task with a trial's resources; call the result to wait."""
+    task = ray.remote(fn).options(
+        num_cpus=resources.cpus_per_trial, num_gpus=resources.gpus_per_trial
+    )
+    ref = task.remote(*args)
+    return lambda: ray.get(ref)
+
+
+def new_run_dir(config: ExperimentConfig) -> str:
+    return f"{storage_root(config)}/{config.name}/run-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,1 @@
+"""The auxiliary pool: safetensors featurizers with a sha256 manifest."""

@@ -1,0 +1,402 @@
+"""The auxiliary pool: featurizers ``phi_aux_i`` fine-tuned on auxiliary tasks T_i (paper, sec. 3).
+
+A folder with one ``<name>.safetensors`` per featurizer and a ``manifest.json`` (source task, timm
+arch, sha256, ID-val accuracy, robust flag, creation time). Target-agnostic: built once, shared.
+Safetensors never run code on load; pickles are refused unless trusted and then read with
+``weights_only=True``. Every load checks sha256, arch and shapes first, so a tampered or mislabelled
+file fails loudly instead of silently initialising the wrong network. Pure: no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ratatouille.core.errors import UserError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_LOCK = ".manifest.lock"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
+# Classifier tensors dropped on import when the featurizer (num_classes=0) has no such key.
+_HEAD_PREFIXES = ("fc.", "head.", "head_dist.", "classifier.", "last_linear.")
+# Wrappers that training scripts put around a state dict (DomainBed: "model_dict").
+_WRAPPER_KEYS = ("state_dict", "model_dict", "model_state_dict", "model", "featurizer")
+
+
+class PoolError(UserError, ValueError):
+    """A pool problem, stated as what is wrong and what to do about it."""
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One featurizer of the pool; ``file`` is relative to the pool folder."""
+
+    name: str
+    source_task: str
+    arch: str
+    sha256: str
+    file: str
+    id_val_acc: float | None
+    robust: bool
+    created: str
+
+
+def arch_shapes(arch: str, num_classes: int | None = 0) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of ``timm.create_model(arch, num_classes=...)`` (None: its default head)."""
+    import timm  # imported here so `pool list` does not pay for timm
+
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        raise PoolError(
+            f"unknown architecture {arch!r} ({err}); pass a timm model name such as 'resnet50' "
+            "(see timm.list_models())"
+        ) from err
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def check_shapes(state_dict: Mapping[str, torch.Tensor], arch: str, what: str) -> None:
+    """Raise PoolError unless ``state_dict`` has exactly the featurizer tensors of ``arch``."""
+    expected = arch_shapes(arch)
+    missing, unexpected = (
+        sorted(set(expected) - set(state_dict)),
+        sorted(set(state_dict) - set(expected)),
+    )
+    if missing or unexpected:
+        raise PoolError(
+            f"{what} does not match architecture {arch!r}: missing tensors {missing[:5]}, "
+            f"unexpected tensors {unexpected[:5]} (at most 5 shown); check --arch / the weights"
+        )
+    for key, shape in expected.items():
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise PoolError(f"{what}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != shape:
+            raise PoolError(
+                f"{what}: tensor {key!r} has shape {tuple(value.shape)} but architecture {arch!r} "
+                f"expects {shape}; these weights belong to another architecture or variant"
+            )
+
+
+class Pool:
+    """A pool folder (local, or a shared filesystem mounted at the same path on every node)."""
+
+    def __init__(self, root: str | Path) -> None:
+        if isinstance(root, str) and "://" in root:
+            raise PoolError(
+                f"pool folder {root!r} is a URI; the pool needs a filesystem path (local disk or a "
+                "shared mount such as NFS/EFS); copy it with `aws s3 sync` if it lives on S3"
+            )
+        self.root = Path(root).expanduser().absolute()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def entries(self) -> list[PoolEntry]:
+        """All entries, sorted by name (empty when the pool does not exist yet)."""
+        return [entry for _, entry in sorted(self._read_manifest().items())]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._read_manifest()
+
+    def get(self, name: str) -> PoolEntry:
+        manifest = self._read_manifest()
+        if name not in manifest:
+            known = ", ".join(sorted(manifest)) or "none"
+            raise PoolError(
+                f"no entry {name!r} in pool {self.root} (entries: {known}); "
+                "run `ratatouille pool list --pool DIR` to see them"
+            )
+        return manifest[name]
+
+    def add(
+        self,
+        name: str,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        source_task: str,
+        arch: str,
+        id_val_acc: float | None = None,
+        robust: bool = False,
+        overwrite: bool = False,
+    ) -> PoolEntry:
+        """Store a featurizer state dict (keys of ``timm.create_model(arch, num_classes=0)``)."""
+        _check_name(name)
+        if not overwrite and name in self:  # fail before serialising; re-checked under the lock
+            raise self._exists(name)
+        if id_val_acc is not None:
+            id_val_acc = float(id_val_acc)
+            if not math.isfinite(id_val_acc):
+                raise PoolError(
+                    f"id_val_acc of {name!r} is {id_val_acc}; pass a finite score or None"
+                )
+        check_shapes(state_dict, arch, f"weights for pool entry {name!r}")
+        # clone: safetensors refuses tensors that share storage (views, tied weights)
+        tensors = {
+            key: value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            for key, value in state_dict.items()
+        }
+        payload = st_save(tensors, metadata={"arch": arch, "source_task": source_task})
+        entry = PoolEntry(
+            name,
+            source_task,
+            arch,
+            hashlib.sha256(payload).hexdigest(),
+            f"{name}.safetensors",
+            id_val_acc,
+            bool(robust),
+            datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = _write_temp(self.root, payload)  # the slow write happens outside the lock
+        try:
+            with self._locked():
+                manifest = (
+                    self._read_manifest()
+                )  # re-read under the lock: another driver may have added
+                if name in manifest and not overwrite:
+                    raise self._exists(name)
+                os.replace(tmp, self.root / entry.file)
+                manifest[name] = entry
+                self._write_manifest(manifest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return entry
+
+    def load(self, name: str, *, expected_arch: str | None = None) -> dict[str, torch.Tensor]:
+        """The featurizer ``phi_aux`` of ``name``, after checking its hash, arch and shapes."""
+        entry = self.get(name)
+        path = self.root / entry.file
+        try:
+            payload = path.read_bytes()  # hash and parse the same bytes: no swap in between
+        except FileNotFoundError:
+            raise PoolError(
+                f"pool entry {name!r}: file {path} is missing; run `ratatouille pool verify "
+                f"--pool {self.root}` and re-add or re-import the entry"
+            ) from None
+        if hashlib.sha256(payload).hexdigest() != entry.sha256:
+            raise PoolError(
+                f"pool entry {name!r}: sha256 of {path} does not match the manifest (file changed "
+                f"or corrupted); run `ratatouille pool verify --pool {self.root}` and re-import it"
+            )
+        if expected_arch is not None and entry.arch != expected_arch:
+            raise PoolError(
+                f"pool entry {name!r} holds a {entry.arch!r} featurizer but the experiment uses "
+                f"{expected_arch!r}; pick entries of the same architecture"
+            )
+        try:
+            state_dict = st_load(payload)
+        except SafetensorError as err:
+            raise PoolError(
+                f"pool entry {name!r}: {path} is not a valid safetensors file ({err}); re-import it"
+            ) from err
+        check_shapes(state_dict, entry.arch, f"pool entry {name!r}")
+        return state_dict
+
+    def _exists(self, name: str) -> PoolError:
+        return PoolError(
+            f"pool {self.root} already has an entry {name!r}; choose another name "
+            "or pass overwrite=True to replace it"
+        )
+
+    def verify(self) -> list[tuple[str, str | None]]:
+        """``(name, problem or None)`` for every entry: missing file, hash or shape mismatch."""
+        return [(entry.name, self._problem(entry.name)) for entry in self.entries()]
+
+    def _problem(self, name: str) -> str | None:
+        try:
+            self.load(name)
+        except PoolError as err:
+            return str(err)
+        return None
+
+    def _read_manifest(self) -> dict[str, PoolEntry]:
+        try:
+            raw = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PoolError(
+                f"{self.manifest_path} is not valid JSON ({err}); restore it from a backup"
+            ) from err
+        return _parse_manifest(raw, self.manifest_path)
+
+    def _write_manifest(self, manifest: Mapping[str, PoolEntry]) -> None:
+        document = {
+            "version": MANIFEST_VERSION,
+            "entries": [asdict(e) for _, e in sorted(manifest.items())],
+        }
+        _write_temp(self.root, (json.dumps(document, indent=2) + "\n").encode(), self.manifest_path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive lock across processes (and nodes, where the shared filesystem honours
+        flock)."""
+        with open(self.root / _LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PoolError(
+            f"pool entry name {name!r} is not allowed; use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+
+
+def _parse_manifest(raw: object, path: Path) -> dict[str, PoolEntry]:
+    known = {field.name for field in fields(PoolEntry)}
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
+        raise PoolError(f"{path} has no 'entries' list; it is not a ratatouille pool manifest")
+    manifest: dict[str, PoolEntry] = {}
+    for item in raw["entries"]:
+        if not isinstance(item, dict) or set(item) != known:
+            raise PoolError(
+                f"{path}: malformed entry {item!r}; expected the fields {sorted(known)}"
+            )
+        entry = PoolEntry(**item)
+        if Path(entry.file).name != entry.file:  # a manifest must not point outside its folder
+            raise PoolError(
+                f"{path}: entry {entry.name!r} has file {entry.file!r} outside the pool"
+            )
+        manifest[entry.name] = entry
+    return manifest
+
+
+def _write_temp(folder: Path, payload: bytes, target: Path | None = None) -> Path:
+    """Write ``payload`` to a temp file in ``folder`` (same filesystem), then move it to
+    ``target``."""
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if target is not None:
+            os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target if target is not None else tmp
+
+
+def strip_to_featurizer(state_dict: Mapping[str, object], arch: str) -> dict[str, torch.Tensor]:
+    """The featurizer tensors of a (possibly wrapped, prefixed, full-model) state dict.
+
+    Finds the key prefix (``""``, ``"module."``, ``"featurizer."``, DomainBed's
+    ``"featurizer.network."``, ...) under which the arch's featurizer tensors sit, strips it, and
+    drops classifier tensors (the arch's own head, ``fc.*``, ``head.*``, ``classifier.*``) and all
+    keys outside that prefix. Any other extra tensor is an error: no half-matching weights.
+    """
+    state_dict = _unwrap(state_dict)
+    expected = arch_shapes(arch)
+    anchor = next(iter(expected))  # e.g. "conv1.weight": where it sits reveals candidate prefixes
+    prefixes = {
+        key[: -len(anchor)] for key in state_dict if key == anchor or key.endswith("." + anchor)
+    }
+    if not prefixes:
+        raise PoolError(
+            f"weights have no tensor {anchor!r} under any prefix, so they are not a {arch!r} "
+            f"featurizer (first keys: {list(state_dict)[:5]}); check --arch"
+        )
+    # the prefix holding most of the featurizer's tensors; the shortest among equals
+    prefix = min(prefixes, key=lambda p: (-sum(p + k in state_dict for k in expected), len(p)))
+    head_keys = set(arch_shapes(arch, None)) - set(expected)
+    under_prefix = {
+        key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)
+    }
+    featurizer: dict[str, Any] = {
+        short: value
+        for short, value in under_prefix.items()
+        if short in expected or not (short in head_keys or short.startswith(_HEAD_PREFIXES))
+    }
+    check_shapes(featurizer, arch, f"weights (prefix {prefix!r} stripped)")
+    return featurizer
+
+
+def _unwrap(obj: Any) -> Mapping[str, object]:
+    """Descend into training-script wrappers like ``{"model_dict": {...}, "args": ...}``."""
+    while isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+            raise PoolError(
+                f"weights file holds a non-tensor entry {bad!r} and no state dict under "
+                f"{list(_WRAPPER_KEYS)}; save a plain state dict (tensor name -> tensor)"
+            )
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise PoolError(f"weights file holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def import_weights(
+    path: str | Path,
+    pool: Pool,
+    *,
+    name: str,
+    arch: str,
+    source_task: str = "imported",
+    trust_pickle: bool = False,
+) -> PoolEntry:
+    """Add an external featurizer (e.g. a community fine-tuning) to ``pool`` as ``name``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoolError(f"weights file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            raw: object = st_load(path.read_bytes())
+        except SafetensorError as err:
+            raise PoolError(f"{path} is not a valid safetensors file: {err}") from err
+    elif suffix in _PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise PoolError(
+                f"{path} is a pickle, which can run arbitrary code when loaded; convert it to "
+                "safetensors, or pass --trust-pickle if you trust its origin (it is then read "
+                "with torch.load(weights_only=True))"
+            )
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError, RuntimeError: anything beyond plain tensors
+            raise PoolError(
+                f"{path} holds more than tensors and containers, so it was refused even with "
+                f"--trust-pickle ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                "re-save a plain state dict"
+            ) from err
+    else:
+        raise PoolError(
+            f"{path}: unknown weights format {suffix!r}; use .safetensors (or a pickle "
+            f"{', '.join(_PICKLE_SUFFIXES)} with --trust-pickle)"
+        )
+    if not isinstance(raw, Mapping):
+        raise PoolError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    featurizer = strip_to_featurizer(raw, arch)
+    return pool.add(name, featurizer, source_task=source_task, arch=arch)

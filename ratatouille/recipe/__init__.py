@@ -1,0 +1,1 @@
+"""The recipe without Ray: typed trial specs, the sweep planner, trial bodies, input checks."""

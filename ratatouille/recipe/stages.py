@@ -1,0 +1,262 @@
+"""The body of every trial, one function per stage, with no Ray and no MLflow.
+
+A trial gets its typed spec (from :mod:`ratatouille.recipe.sweep`), a `TrialContext`
+(experiment-wide settings and the weights it may start from, shipped by the driver) and a
+`Reporter` (the Ray layer's bridge to Tune checkpoints). Keeping Ray out of here lets tests run
+a stage in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ratatouille.core.config import DataConfig, ExperimentConfig
+from ratatouille.core.names import FUSING, PRETRAINED, MetricKey, WeightsFile
+from ratatouille.data import MultiDomainDataset, auxiliary_splits, get_dataset, target_splits
+from ratatouille.engine.models import (
+    Classifier,
+    build_classifier,
+    featurizer_state,
+    load_featurizer_params,
+)
+from ratatouille.engine.probe import linear_probe
+from ratatouille.engine.train import FineTuneConfig, FineTuneResult, evaluate_accuracy, fine_tune
+from ratatouille.merging.soups import average
+from ratatouille.recipe.specs import (
+    AuxSpec,
+    PretrainSpec,
+    ProbeSpec,
+    TargetSpec,
+    TrialSpec,
+)
+
+StateDict = dict[str, Tensor]
+
+
+class Reporter(Protocol):
+    """How a trial talks to its scheduler (Tune in production, a list in tests)."""
+
+    def report(
+        self,
+        metrics: Mapping[str, Any],
+        *,
+        weights: Mapping[WeightsFile, StateDict] | None = None,
+        train_state: Mapping[str, Any] | None = None,
+    ) -> None: ...
+
+    def restored_state(self) -> dict[str, Any] | None: ...
+
+
+@dataclass
+class TrialContext:
+    """Experiment-wide settings every trial needs, and the weights it may start from."""
+
+    data: DataConfig
+    seed: int
+    arch: str
+    freeze_bn: bool = True
+    featurizers: dict[str, StateDict] = field(default_factory=dict)  # PRETRAINED + pool entries
+    heads: dict[str, StateDict] = field(default_factory=dict)  # w_lp per cell key
+    gpus_per_trial: float = 0.0
+
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+
+    def dataset(self, name: str, *, augment: bool | None = None) -> MultiDomainDataset:
+        return get_dataset(
+            name,
+            self.data.root,
+            image_size=self.data.image_size,
+            augment=self.data.augment if augment is None else augment,
+            seed=self.seed,
+        )
+
+
+def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
+    """The TrialContext of an experiment; `weights` sets featurizers and heads."""
+    return TrialContext(
+        data=config.data.model_copy(),
+        seed=config.seed,
+        arch=config.model.arch,
+        freeze_bn=config.model.freeze_bn,
+        gpus_per_trial=config.resources.gpus_per_trial,
+        **weights,
+    )
+
+
+def _finetune_config(
+    spec: PretrainSpec | AuxSpec | TargetSpec, ctx: TrialContext, **extra: Any
+) -> FineTuneConfig:
+    hp = spec.hparams
+    return FineTuneConfig(
+        steps=spec.steps,
+        checkpoint_freq=spec.checkpoint_freq,
+        lr=hp.lr,
+        weight_decay=hp.weight_decay,
+        batch_size=hp.batch_size,
+        seed=spec.seed,
+        device=ctx.device(),
+        num_workers=ctx.data.num_workers,
+        **extra,
+    )
+
+
+def _train_with_reports(
+    model: Classifier, splits: Any, reporter: Reporter, cfg: FineTuneConfig, keep_best: bool
+) -> FineTuneResult:
+    """fine_tune, reporting id_val_acc at each checkpoint step. With `keep_best` (target runs),
+    a Tune checkpoint (resumable state + the weights as safetensors) only when ID val strictly
+    improves, so the kept checkpoint holds the best weights; otherwise the resumable state at
+    every checkpoint step (the stage reports its final weights itself)."""
+
+    def on_checkpoint(step: int, metrics: Mapping[str, Any], snapshot: Any) -> None:
+        row = {**metrics, MetricKey.STEP: step}
+        if not keep_best:
+            reporter.report(row, train_state=snapshot())
+        elif metrics[MetricKey.BEST_STEP] == step:
+            state = snapshot()
+            reporter.report(row, weights={WeightsFile.MODEL: state["model"]}, train_state=state)
+        else:
+            reporter.report(row)
+
+    return fine_tune(
+        model,
+        splits.train,
+        splits.id_val,
+        cfg,
+        resume=reporter.restored_state(),
+        on_checkpoint=on_checkpoint,
+    )
+
+
+def _final_metrics(result: FineTuneResult) -> dict[str, Any]:
+    """The closing report: no step, so the per-checkpoint curves get no duplicate point."""
+    return {
+        MetricKey.FINAL_ID_VAL_ACC: result.history[-1][MetricKey.ID_VAL_ACC],
+        MetricKey.BEST_ID_VAL_ACC: result.best_id_val_acc,
+        MetricKey.BEST_STEP: result.best_step,
+        MetricKey.DONE: True,
+    }
+
+
+def run_pretrain(spec: PretrainSpec, ctx: TrialContext, reporter: Reporter) -> None:
+    """phi_pt from scratch on T0 (the offline benchmark has no hub weights)."""
+    dataset = ctx.dataset(spec.task)
+    splits = auxiliary_splits(dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction)
+    model = build_classifier(
+        ctx.arch, dataset.num_classes, dropout=spec.hparams.dropout, freeze_bn=False, seed=spec.seed
+    )
+    result = _train_with_reports(
+        model, splits, reporter, _finetune_config(spec, ctx), keep_best=False
+    )
+    reporter.report(
+        _final_metrics(result),
+        weights={WeightsFile.FEATURIZER: featurizer_state(result.final_state)},
+    )
+
+
+def _pretrained_classifier(
+    ctx: TrialContext, num_classes: int, dropout: float, seed: int
+) -> Classifier:
+    return build_classifier(
+        ctx.arch,
+        num_classes,
+        dropout=dropout,
+        featurizer_weights=ctx.featurizers[PRETRAINED],
+        freeze_bn=ctx.freeze_bn,
+        seed=seed,
+    )
+
+
+def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
+    """(w_aux, phi_aux): phi_pt fine-tuned on every domain of an auxiliary task."""
+    dataset = ctx.dataset(spec.task)
+    splits = auxiliary_splits(dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction)
+    model = _pretrained_classifier(ctx, dataset.num_classes, spec.hparams.dropout, spec.seed)
+    # The moving average starts after 100 steps (Arpit et al.), earlier in very short runs.
+    cfg = _finetune_config(
+        spec, ctx, moving_average=spec.robust, ma_start=min(100, spec.steps // 2)
+    )
+    result = _train_with_reports(model, splits, reporter, cfg, keep_best=False)
+    weights = {WeightsFile.FEATURIZER: featurizer_state(result.final_state)}
+    metrics = _final_metrics(result)
+    if spec.robust and result.average_state is not None:
+        weights[WeightsFile.FEATURIZER_MA] = featurizer_state(result.average_state)
+        model.load_state_dict(result.average_state)
+        metrics[MetricKey.MA_ID_VAL_ACC] = evaluate_accuracy(
+            model, splits.id_val, device=ctx.device()
+        )
+    reporter.report(metrics, weights=weights)
+
+
+def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
+    """w_lp: the linear probe of phi_pt on the target task, on features extracted once."""
+    cell = spec.cell
+    # The probe reads ID-train through the eval transform: features are extracted once.
+    dataset = ctx.dataset(ctx.data.dataset, augment=False)
+    splits = target_splits(dataset, [cell.test_env], cell.split_seed, ctx.data.holdout_fraction)
+    model = _pretrained_classifier(ctx, dataset.num_classes, 0.0, spec.seed)
+    hp = spec.hparams
+    probe = linear_probe(
+        model.featurizer,
+        splits.train,
+        splits.id_val,
+        dataset.num_classes,
+        steps=spec.steps,
+        lr=hp.lr,
+        weight_decay=hp.weight_decay,
+        batch_size=hp.batch_size,
+        seed=spec.seed,
+        device=ctx.device(),
+    )
+    reporter.report(
+        {MetricKey.FINAL_ID_VAL_ACC: probe.id_val_acc, MetricKey.DONE: True},
+        weights={WeightsFile.HEAD: dict(probe.head_state)},
+    )
+
+
+def init_featurizer(spec: TargetSpec, ctx: TrialContext) -> StateDict | None:
+    """phi_aux of the run: a pool entry, the softmax-kappa mixture (fusing), or None for phi_pt."""
+    if spec.init_source == PRETRAINED:
+        return None
+    if spec.init_source == FUSING:
+        assert spec.fusing is not None, "a fusing run carries its mixture weights"
+        names = list(spec.fusing)
+        return average(
+            (ctx.featurizers[name] for name in names), weights=[spec.fusing[name] for name in names]
+        )
+    return ctx.featurizers[spec.init_source]
+
+
+def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
+    """theta_i: (w_lp, phi_i) fine-tuned on the target task; best ID-val weights checkpointed."""
+    cell = spec.cell
+    dataset = ctx.dataset(ctx.data.dataset)
+    splits = target_splits(dataset, [cell.test_env], cell.split_seed, ctx.data.holdout_fraction)
+    model = _pretrained_classifier(ctx, dataset.num_classes, spec.hparams.dropout, spec.seed)
+    phi_init = init_featurizer(spec, ctx)
+    if phi_init is not None:
+        load_featurizer_params(model, phi_init)
+    model.head.load_state_dict(ctx.heads[cell.key])
+    cfg = _finetune_config(spec, ctx, lp_steps=spec.lp_steps)
+    result = _train_with_reports(model, splits, reporter, cfg, keep_best=True)
+    reporter.report(_final_metrics(result))
+
+
+def run_trial(spec: TrialSpec, ctx: TrialContext, reporter: Reporter) -> None:
+    """Dispatch a typed spec to its stage body."""
+    if isinstance(spec, PretrainSpec):
+        run_pretrain(spec, ctx, reporter)
+    elif isinstance(spec, AuxSpec):
+        run_aux(spec, ctx, reporter)
+    elif isinstance(spec, ProbeSpec):
+        run_probe(spec, ctx, reporter)
+    elif isinstance(spec, TargetSpec):
+        run_target(spec, ctx, reporter)
+    else:
+        raise TypeError(f"no stage body for {type(spec).__name__}")

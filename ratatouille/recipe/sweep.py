@@ -1,0 +1,222 @@
+"""What each stage trains: trial specs built from the config, with no Ray in sight.
+
+Every random choice of the sweep (hyperparameters, init source, fusing weights, training seed)
+is made here, in the driver, by hashing the trial's identity. The specs are typed
+(:mod:`ratatouille.recipe.specs`) and turn into flat plain dicts for Tune and MLflow, so
+`ratatouille plan` can count them, Tune can grid over them, MLflow can log them and a resumed
+sweep rebuilds exactly the same ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ratatouille.core.arms import InitDraw, get_arm
+from ratatouille.core.config import ExperimentConfig
+from ratatouille.core.names import PRETRAINED
+from ratatouille.core.seeding import seed_hash
+from ratatouille.engine.hparams import dataset_schedule, default_hparams, random_hparams
+from ratatouille.recipe.specs import (
+    AuxSpec,
+    Cell,
+    HParams,
+    PretrainSpec,
+    ProbeSpec,
+    TargetSpec,
+    TrialSpec,
+    digest,
+)
+
+
+def pretrained_identity(config: ExperimentConfig) -> str:
+    """Names phi_pt: what the pool's entries were fine-tuned from."""
+    model = config.model
+    if model.init == "pretrain":
+        assert config.pretrain is not None
+        return (
+            f"pretrain-{config.pretrain.task}-{model.arch}-{digest(config.pretrain.model_dump())}"
+        )
+    if model.init == "file":
+        return f"file-{model.arch}-{digest(model.weights_file)}"
+    return f"hub-{model.arch}"
+
+
+def _stage_steps(config: ExperimentConfig) -> tuple[int, int]:
+    default_steps, default_freq = dataset_schedule(config.data.dataset)
+    return (config.target.steps or default_steps, config.target.checkpoint_freq or default_freq)
+
+
+def pretrain_spec(config: ExperimentConfig) -> PretrainSpec | None:
+    """The T0 pre-training trial, when phi_pt is ours to make."""
+    if config.model.init != "pretrain":
+        return None
+    stage = config.pretrain
+    assert stage is not None
+    hparams = HParams(
+        lr=stage.lr,
+        weight_decay=stage.weight_decay,
+        batch_size=stage.batch_size,
+        dropout=stage.dropout,
+    )
+    return PretrainSpec(
+        name=pretrained_identity(config),
+        task=stage.task,
+        hparams=hparams,
+        steps=stage.steps,
+        checkpoint_freq=stage.checkpoint_freq,
+        seed=seed_hash(config.seed, "pretrain", stage.task),
+    )
+
+
+def aux_entry_name(config: ExperimentConfig, task: str, run: int) -> str:
+    """Pool name of an auxiliary fine-tuning: same recipe and phi_pt -> same name -> reused."""
+    recipe = {
+        "aux": config.aux.model_dump(exclude={"tasks", "extra_sources"}),
+        "from": pretrained_identity(config),
+    }
+    arch = re.sub(r"[^A-Za-z0-9._-]", "_", config.model.arch)  # e.g. "hf-hub:timm/..." names
+    return f"{task}-{arch}-r{run}-{digest(recipe)}"
+
+
+def robust_name(entry_name: str) -> str:
+    return f"{entry_name}-ma"
+
+
+def _aux_hparams(config: ExperimentConfig, task: str, run: int) -> HParams:
+    if config.aux.hparams == "default":
+        return HParams(**default_hparams())
+    seed = seed_hash(config.seed, "aux", task, run)
+    return HParams(
+        **random_hparams(config.aux.hparams, seed, overrides=config.aux.hparams_override)
+    )
+
+
+def aux_specs(config: ExperimentConfig) -> list[AuxSpec]:
+    """One trial per (auxiliary task x run); the pool stage skips names it already holds."""
+    return [
+        AuxSpec(
+            name=aux_entry_name(config, task, run),
+            task=task,
+            run=run,
+            hparams=_aux_hparams(config, task, run),
+            steps=config.aux.steps,
+            checkpoint_freq=config.aux.checkpoint_freq,
+            robust=config.aux.robust,
+            seed=seed_hash(config.seed, "aux", task, run),
+        )
+        for task in config.aux.tasks
+        for run in range(config.aux.runs_per_task)
+    ]
+
+
+def probe_specs(config: ExperimentConfig, cells: list[Cell]) -> list[ProbeSpec]:
+    """w_lp: one linear probe of phi_pt per (test domain, split), default hparams (paper F.1)."""
+    probe = config.probe
+    hparams = HParams(
+        lr=probe.lr, weight_decay=probe.weight_decay, batch_size=probe.batch_size, dropout=0.0
+    )
+    return [
+        ProbeSpec(
+            cell=cell,
+            steps=probe.steps,
+            hparams=hparams,
+            seed=seed_hash(config.seed, "probe", cell.test_env, cell.split_seed),
+        )
+        for cell in cells
+    ]
+
+
+def arm_sources(config: ExperimentConfig, arm_name: str) -> list[list[str]]:
+    """Sources of an arm: source 0 is phi_pt, then one group of pool entries per aux task."""
+    arm = get_arm(arm_name)
+    groups = [[PRETRAINED]]
+    if not arm.needs_pool:
+        return groups
+    for task in config.aux.tasks:
+        names = [aux_entry_name(config, task, run) for run in range(config.aux.runs_per_task)]
+        groups.append([robust_name(name) if arm.robust else name for name in names])
+    groups.extend([name] for name in config.aux.extra_sources)
+    return groups
+
+
+def target_specs(config: ExperimentConfig, cells: list[Cell]) -> list[TargetSpec]:
+    """n_runs trials per arm and cell, hyperparameters from Table 3, inits from the arm's policy."""
+    steps, checkpoint_freq = _stage_steps(config)
+    target = config.target
+    specs = []
+    for cell in cells:
+        for arm_name in target.arms:
+            draw = InitDraw(
+                arm=arm_name,
+                groups=arm_sources(config, arm_name),
+                n_runs=target.n_runs,
+                seed=config.seed,
+                cell_key=cell.key,
+                fusing_spread=target.fusing_spread,
+            )
+            for run, init in enumerate(get_arm(arm_name).init_policy(draw)):
+                hparams = random_hparams(
+                    target.hparams,
+                    seed_hash(config.seed, "target", cell.split_seed, run),
+                    overrides=target.hparams_override,
+                )
+                specs.append(
+                    TargetSpec(
+                        cell=cell,
+                        arm=arm_name,
+                        run=run,
+                        init_source=init.init_source,
+                        fusing=init.fusing,
+                        hparams=HParams(**hparams),
+                        steps=steps,
+                        checkpoint_freq=checkpoint_freq,
+                        lp_steps=0 if init.init_source == PRETRAINED else target.lp_steps,
+                        seed=seed_hash(config.seed, config.data.dataset, arm_name, cell.key, run),
+                    )
+                )
+    return specs
+
+
+def plan_rows(
+    config: ExperimentConfig, cells: list[Cell], n_domains: Callable[[str], int]
+) -> list[dict[str, Any]]:
+    """Trials and compute per stage: trials x steps, and images seen (per-domain batches)."""
+    target_domains = n_domains(config.data.dataset) - 1  # leave-one-domain-out
+    pretrain = pretrain_spec(config)
+    stages: list[tuple[str, list[TrialSpec], Callable[[Any], int]]] = []
+    if pretrain is not None:
+        stages.append(("pretrain", [pretrain], lambda s: n_domains(s.task)))
+    stages.append(("aux", list(aux_specs(config)), lambda s: n_domains(s.task)))
+    stages.append(("probe", list(probe_specs(config, cells)), lambda s: target_domains))
+    stages.append(("target", list(target_specs(config, cells)), lambda s: target_domains))
+    rows = []
+    for stage, specs, domains in stages:
+        images = sum(s.steps * s.hparams.batch_size * domains(s) for s in specs)
+        rows.append(
+            {
+                "stage": stage,
+                "trials": len(specs),
+                "steps": sum(s.steps for s in specs),
+                "images": images,
+                "gpu_hours": images / config.resources.images_per_second / 3600,
+            }
+        )
+    return rows
+
+
+def format_plan(rows: list[dict[str, Any]], config: ExperimentConfig) -> str:
+    lines = [f"{'stage':<10}{'trials':>8}{'trials x steps':>16}{'images':>14}{'GPU-hours':>11}"]
+    for row in rows:
+        lines.append(
+            f"{row['stage']:<10}{row['trials']:>8}{row['steps']:>16,}"
+            f"{row['images']:>14,}{row['gpu_hours']:>11.2f}"
+        )
+    total = sum(row["gpu_hours"] for row in rows)
+    lines.append(
+        f"total {total:.2f} GPU-hours at {config.resources.images_per_second:g} "
+        "training images/s per trial (resources.images_per_second); the aux stage "
+        "skips entries already in the pool, and evaluation is not counted."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""What the reducer takes for one cell: its finished target runs, evaluation data and settings.
+
+Its own module so that the reducer's parts (strategies, curves, ablations) share these types
+without importing the reducer that calls them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ratatouille.engine.models import Classifier
+from ratatouille.reducer.evaluate import Predict
+
+
+class ReduceError(ValueError):
+    """The reducer's inputs are inconsistent; the message names the field to fix."""
+
+
+@dataclass
+class TargetRun:
+    """One finished target fine-tuning (a Tune trial)."""
+
+    run_id: str
+    arm: str  # "soups" | "ratatouille" | "fusing" | "robust_ratatouille"
+    init_source: str  # "pretrained" (source 0), a pool entry name, or "fusing"
+    id_val_acc: float  # best ID-val accuracy logged by the run: its selection score
+    load_state: Callable[[], dict[str, Tensor]]  # the run's best-ID-val Classifier state
+    hparams: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReduceSettings:
+    """``wise_alpha``: WiSE-FT ``theta = (1 - alpha) * theta_erm + alpha * theta_init`` (App. A).
+
+    ``max_pairs`` caps the diversity-vs-gain pairs (each costs one OOD evaluation; 0 disables);
+    ``ablation_points`` caps the sizes M evaluated per arm in the runs ablation (Fig. 8).
+    """
+
+    wise_alpha: float = 0.5
+    lmc_tolerance: float = 0.01
+    n_lambdas: int = 11
+    ablation_draws: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 64
+    max_pairs: int = 30
+    ablation_points: int = 6
+
+
+@dataclass
+class ReduceInputs:
+    """One cell (test domain, split seed) of a finished sweep: its runs and evaluation data."""
+
+    test_domain: str
+    split_seed: int
+    runs: list[TargetRun]
+    build_model: Callable[[], Classifier]  # a fresh model of the right arch / num_classes
+    id_val: list[Dataset]
+    ood_test: list[Dataset]
+    init_state: dict[str, Tensor]  # (w_lp, phi_pt): the soups arm's init, WiSE-FT's anchor
+    w_lp: dict[str, Tensor]  # head state of the shared linear probe
+    pool_featurizers: dict[str, Callable[[], dict[str, Tensor]]]  # name -> phi_aux loader
+    settings: ReduceSettings = field(default_factory=ReduceSettings)
+    predict: Predict | None = None  # defaults to ratatouille.engine.train.predict_logits

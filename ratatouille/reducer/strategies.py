@@ -1,0 +1,208 @@
+"""The strategy registry: every row of the comparison table (paper Table 1, App. A and E).
+
+Each strategy is one registered unit, in the spirit of mergekit's merge methods: its name (the
+MLflow metric key ``ood_acc/<name>``), its label (tables and figures), the arm whose runs it
+uses, and how it builds its weights or predictions from those runs **on ID validation only**
+(the OOD split is sealed while strategies are built, see :mod:`ratatouille.reducer.evaluate`).
+The registry's order is the table's order. Adding a strategy is one entry here, and its name in
+the arm's ``strategies`` (:mod:`ratatouille.core.arms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ratatouille.core.names import PRETRAINED
+from ratatouille.merging.soups import greedy_soup, interpolate, uniform_soup
+from ratatouille.reducer.evaluate import ID_VAL, Evaluator
+from ratatouille.reducer.inputs import ReduceInputs, TargetRun
+
+
+@dataclass
+class Selected:
+    """A strategy decided on ID val; ``kind`` says how its OOD accuracy is obtained: ``run``
+    (a run's cached logits), ``ensemble`` (mean logits of ``members``) or ``state`` (weights
+    parked in the :class:`StateStore` under the strategy's name)."""
+
+    strategy: str
+    arm: str
+    selection: str
+    kind: str
+    members: tuple[str, ...]
+    id_val_acc: float
+
+
+class StateStore:
+    """Strategy weights parked on disk between selection and final evaluation."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def save(self, name: str, state: dict[str, Tensor]) -> None:
+        torch.save(state, self.folder / f"{name}.pt")
+
+    def load(self, name: str) -> dict[str, Tensor]:
+        return torch.load(self.folder / f"{name}.pt", map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Selection:
+    """What a strategy may use while it is built: the cell's inputs, the evaluator (OOD
+    sealed) and the store for the weights it builds."""
+
+    inputs: ReduceInputs
+    ev: Evaluator
+    store: StateStore
+
+
+Build = Callable[[str, str, list[TargetRun], Selection], Selected | None]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    label: str
+    arm: str
+    build: Build
+
+
+def best_run(runs: list[TargetRun]) -> TargetRun:
+    """Highest logged ID-val score; ties go to the earliest run (as greedy's stable sort)."""
+    return max(runs, key=lambda r: r.id_val_acc)  # max keeps the first of equal keys
+
+
+def _best_id_val(recycled_only: bool = False) -> Build:
+    """The run with the best logged ID-val score (of the runs started from a pool entry when
+    ``recycled_only``: inter-training)."""
+
+    def build(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected | None:
+        candidates = [r for r in runs if r.init_source != PRETRAINED] if recycled_only else runs
+        if not candidates:
+            return None
+        best = best_run(candidates)
+        return Selected(
+            name, arm, "ID val", "run", (best.run_id,), sel.ev.run_accuracy(best.run_id, ID_VAL)
+        )
+
+    return build
+
+
+def _wise_ft(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
+    """WiSE-FT (App. A): ``(1 - alpha) * theta_erm + alpha * theta_init``."""
+    best = best_run(runs)
+    alpha = sel.inputs.settings.wise_alpha
+    state = interpolate(best.load_state(), sel.inputs.init_state, alpha)
+    sel.store.save(name, state)
+    return Selected(
+        name, arm, f"WiSE alpha={alpha:g}", "state", (best.run_id,), sel.ev.accuracy(state, ID_VAL)
+    )
+
+
+def _ensemble(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
+    """The functional ensemble: mean logits of every run of the arm."""
+    ids = tuple(r.run_id for r in runs)
+    return Selected(name, arm, "ensemble", "ensemble", ids, sel.ev.ensemble_accuracy(ids, ID_VAL))
+
+
+def _uniform(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
+    """The uniform average of every run (paper Sec. 3, step 5). A soup of one model is that
+    run's weights: scored from its cached logits, never predicted a second time."""
+    members = tuple(r.run_id for r in runs)
+    if len(runs) == 1:
+        return Selected(
+            name, arm, "uniform", "run", members, sel.ev.run_accuracy(members[0], ID_VAL)
+        )
+    state = uniform_soup(run.load_state() for run in runs)
+    sel.store.save(name, state)
+    return Selected(name, arm, "uniform", "state", members, sel.ev.accuracy(state, ID_VAL))
+
+
+def _greedy(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
+    """The greedy soup: runs by decreasing logged ID-val score, each kept iff the average's
+    ID-val accuracy does not drop."""
+    greedy = greedy_soup(
+        [run.load_state for run in runs],
+        [run.id_val_acc for run in runs],
+        lambda state: sel.ev.accuracy(state, ID_VAL),
+    )
+    chosen = tuple(runs[i].run_id for i in greedy.selected)
+    if len(chosen) == 1:  # GreedySoup.score is then the logged score; the table shows measured ones
+        return Selected(name, arm, "greedy", "run", chosen, sel.ev.run_accuracy(chosen[0], ID_VAL))
+    sel.store.save(name, greedy.state_dict)
+    return Selected(name, arm, "greedy", "state", chosen, greedy.score)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    strategy.name: strategy
+    for strategy in (
+        Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val()),
+        Strategy("wise_ft", "WiSE fine-tuning", "soups", _wise_ft),
+        Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble),
+        Strategy("soup_uniform", "Model soups (uniform)", "soups", _uniform),
+        Strategy("soup_greedy", "Model soups (greedy)", "soups", _greedy),
+        Strategy(
+            "inter_training",
+            "Inter-training (ID val)",
+            "ratatouille",
+            _best_id_val(recycled_only=True),
+        ),
+        Strategy(
+            "ensemble_ratatouille",
+            "Ensemble* of inter-training (uniform)",
+            "ratatouille",
+            _ensemble,
+        ),
+        Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val()),
+        Strategy("ratatouille_uniform", "Model ratatouille (uniform)", "ratatouille", _uniform),
+        Strategy("ratatouille_greedy", "Model ratatouille (greedy)", "ratatouille", _greedy),
+        Strategy(
+            "robust_inter_training",
+            "Robust inter-training (ID val)",
+            "robust_ratatouille",
+            _best_id_val(recycled_only=True),
+        ),
+        Strategy(
+            "robust_ratatouille_uniform",
+            "Robust model ratatouille (uniform)",
+            "robust_ratatouille",
+            _uniform,
+        ),
+        Strategy(
+            "robust_ratatouille_greedy",
+            "Robust model ratatouille (greedy)",
+            "robust_ratatouille",
+            _greedy,
+        ),
+    )
+}
+
+#: The final model: the first group with a strategy present, its best ID-val member (ties go
+#: to the first, the uniform soup).
+FINAL_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("ratatouille_uniform", "ratatouille_greedy"),
+    ("robust_ratatouille_uniform", "robust_ratatouille_greedy"),
+    ("soup_uniform", "soup_greedy"),
+    ("fusing",),
+)
+
+
+def strategy_label(name: str) -> str:
+    """The registered label of a strategy (its name when it is not registered)."""
+    return STRATEGIES[name].label if name in STRATEGIES else name
+
+
+def select_all(runs_by_arm: dict[str, list[TargetRun]], sel: Selection) -> list[Selected]:
+    """Every registered strategy whose arm has runs, in registry (table) order."""
+    selected = []
+    for strategy in STRATEGIES.values():
+        runs = runs_by_arm.get(strategy.arm)
+        if runs:
+            built = strategy.build(strategy.name, strategy.arm, runs, sel)
+            if built is not None:
+                selected.append(built)
+    return selected

@@ -1,0 +1,1 @@
+"""MLflow, and only here: experiment, parent run, child run per trial, reducer run."""
