@@ -74,7 +74,7 @@ def test_tune_progress_table_shows_readable_trial_fields(sweep):
 def test_tune_result_files_hold_each_spec_field_as_a_column(sweep):
     from ray.tune import ExperimentAnalysis
 
-    config, outcome, client = sweep
+    _, outcome, client = sweep
     run_dir = client.get_run(outcome.parent_run_id).data.tags["ratatouille.run_dir"]
     frame = ExperimentAnalysis(str(Path(run_dir, "target"))).dataframe()
     expected = {"arm", "run", "init_source", "test_domain", "split_seed", "lr", "batch_size"}

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from ratatouille.core.config import ExperimentConfig, load_config, parse_config
 from ratatouille.core.errors import UserError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_EXCLUDED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C (SIGTERM stops the same way)
+STOPPED = "stopped: finished trials are kept; `ratatouille run CONFIG --resume` continues"
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -105,8 +107,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ratatouille.cli.report import print_outcome
     from ratatouille.orchestration.pipeline import run_pipeline
 
-    print_outcome(run_pipeline(config, resume=args.resume))
-    return EXIT_OK
+    outcome = run_pipeline(config, resume=args.resume)
+    print_outcome(outcome)
+    return EXIT_EXCLUDED if outcome.excluded else EXIT_OK
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -125,8 +128,9 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
     from ratatouille.cli.report import print_outcome
     from ratatouille.orchestration.pipeline import reduce_latest
 
-    print_outcome(reduce_latest(args.experiment, args.tracking_uri))
-    return EXIT_OK
+    outcome = reduce_latest(args.experiment, args.tracking_uri)
+    print_outcome(outcome)
+    return EXIT_EXCLUDED if outcome.excluded else EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -159,16 +163,24 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done; 1 trials failed (finished ones kept, `--resume` continues); 2 bad
-    input (one line naming what to change, nothing started)."""
+    input (one line naming what to change, nothing started); 3 done, but some target trials
+    diverged and were left out of every strategy (listed with the table); 130 stopped by Ctrl-C
+    or SIGTERM (finished trials kept, `--resume` continues)."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(STOPPED, file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
-        from ratatouille.orchestration.search import SweepIncomplete
+        from ratatouille.orchestration.search import SweepIncomplete, SweepInterrupted
 
+        if isinstance(error, SweepInterrupted):
+            print(f"{STOPPED} ({error})", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if isinstance(error, SweepIncomplete):
             print(f"error: {error}", file=sys.stderr)
             return EXIT_FAILED

@@ -13,6 +13,8 @@ from ratatouille.tracking.store import latest_parent, read_comparison
 def print_outcome(outcome: Outcome) -> None:
     print(f"\n{outcome.experiment}: OOD test accuracy (%)\n")
     print(outcome.table_markdown)
+    for line in outcome.excluded:
+        print(f"excluded {line}")
     print(f"\nfinal model: {outcome.final_strategies}")
     print(f"MLflow: {outcome.tracking_uri}, parent run {outcome.parent_run_id}")
     print(_mlflow_hint(outcome.tracking_uri))

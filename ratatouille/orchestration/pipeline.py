@@ -7,9 +7,15 @@ so later experiments and other test domains reuse them instead of training them 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -19,6 +25,7 @@ from ratatouille.core.names import PRETRAINED, MetricKey, Stage, WeightsFile
 from ratatouille.engine.models import create_featurizer
 from ratatouille.orchestration.reporting import Outcome, reduce_and_log
 from ratatouille.orchestration.search import (
+    Excluded,
     StageRunner,
     SweepIncomplete,
     TrialOutcome,
@@ -61,6 +68,7 @@ class SweepState:
     featurizers: dict[str, StateDict]
     heads: dict[str, StateDict]
     targets: list[TrialOutcome] = field(default_factory=list)
+    excluded: list[Excluded] = field(default_factory=list)
 
 
 def pool_path(config: ExperimentConfig) -> Path:
@@ -173,7 +181,7 @@ def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
     heads = {_probe_cell(o).key: _weights(o, WeightsFile.HEAD) for o in probes}
     context = context_for(config, featurizers=featurizers, heads=heads)
     targets = runner.run(Stage.TARGET, list(target_specs(config, cells)), context)
-    return SweepState(cells, featurizers, heads, targets)
+    return SweepState(cells, featurizers, heads, targets, list(runner.excluded))
 
 
 def open_run(config: ExperimentConfig, continue_last: bool) -> tuple[Tracker, str]:
@@ -195,6 +203,48 @@ def open_run(config: ExperimentConfig, continue_last: bool) -> tuple[Tracker, st
     return tracker, run_dir
 
 
+#: Config sections a resumed run may change: they shape neither a trial nor its inputs.
+REDUCER_ONLY_SECTIONS = ("reduce", "resources", "tracking")
+
+
+def _differences(before: Any, after: Any, path: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(set(before) | set(after))
+        return [
+            difference
+            for key in keys
+            for difference in _differences(before.get(key), after.get(key), f"{path}.{key}")
+        ]
+    return [] if before == after else [path.lstrip(".")]
+
+
+def check_resumable(config: ExperimentConfig) -> None:
+    """--resume continues the trials that the logged config planned: a field that changes
+    trials (steps, hparams, arms, n_runs, data, model, ...) must be as logged. Reads the store
+    only, before Ray starts or any run is touched."""
+    try:
+        tracker, parent = latest_parent(config.name, config.tracking.mlflow_uri)
+    except TrackingError as error:
+        raise PipelineError(
+            f"nothing to resume for experiment {config.name!r} ({error}); "
+            "run without --resume first"
+        ) from None
+    logged = parse_config(yaml.safe_load(read_config_text(tracker)), "the logged config")
+    run_id = parent.info.run_id
+    exclude = set(REDUCER_ONLY_SECTIONS)
+    changed = _differences(
+        logged.model_dump(mode="json", exclude=exclude),
+        config.model_dump(mode="json", exclude=exclude),
+    )
+    if changed:
+        raise PipelineError(
+            f"--resume: {', '.join(changed)} differ from the config logged with run {run_id} "
+            "(its config.yaml artifact); resuming would mix trials of two experiments. Restore "
+            "those fields, or start a new run without --resume (only "
+            f"{', '.join(REDUCER_ONLY_SECTIONS)} may change on a resume)"
+        )
+
+
 def run_pipeline(
     config: ExperimentConfig, *, resume: bool = False, reduce_only: bool = False
 ) -> Outcome:
@@ -203,12 +253,15 @@ def run_pipeline(
     Every check of the user's input runs first: a bad config stops before Ray or MLflow start.
     """
     check_experiment(config)
-    tracker, run_dir = open_run(config, continue_last=resume or reduce_only)
+    if resume:
+        check_resumable(config)
     print(f"ray: {connect_ray()}", file=sys.stderr)
+    tracker, run_dir = open_run(config, continue_last=resume or reduce_only)
     runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only)
     try:
-        state = run_stages(config, runner)
-        outcome = reduce_and_log(config, state, tracker)
+        with _sigterm_as_interrupt():
+            state = run_stages(config, runner)
+            outcome = reduce_and_log(config, state, tracker)
     except (SweepIncomplete, KeyboardInterrupt):
         tracker.finish_parent("KILLED")
         raise
@@ -217,6 +270,21 @@ def run_pipeline(
         raise
     tracker.finish_parent()
     return outcome
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what `ray job stop`, Kubernetes and most schedulers send) stops the run like
+    Ctrl-C: inside a stage Tune saves its state and returns, elsewhere KeyboardInterrupt.
+    Signals reach the main thread only: a pipeline driven from another thread leaves them be."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def reduce_latest(experiment: str | None, tracking_uri: str | None) -> Outcome:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -18,7 +18,12 @@ from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
 from ratatouille.data import target_splits
 from ratatouille.engine.models import build_classifier, join_state
-from ratatouille.orchestration.search import TrialOutcome, read_weights, run_remote
+from ratatouille.orchestration.search import (
+    SweepIncomplete,
+    TrialOutcome,
+    read_weights,
+    run_remote,
+)
 from ratatouille.recipe.specs import Cell, TargetSpec, cell_key
 from ratatouille.recipe.stages import StateDict, context_for
 from ratatouille.reducer.plots import figures as cell_figures
@@ -43,6 +48,7 @@ class Outcome:
     tracking_uri: str
     parent_run_id: str
     final_strategies: dict[str, str]
+    excluded: list[str] = field(default_factory=list)  # "trial name: reason", one per trial
 
 
 def _target_spec(outcome: TrialOutcome) -> TargetSpec:
@@ -140,6 +146,13 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
     by_cell: dict[str, list[TrialOutcome]] = {cell.key: [] for cell in state.cells}
     for outcome in state.targets:
         by_cell[_target_spec(outcome).cell.key].append(outcome)
+    excluded = [f"{e.spec.trial_name}: {e.reason}" for e in state.excluded]
+    empty = [key for key, outcomes in by_cell.items() if not outcomes]
+    if empty:
+        raise SweepIncomplete(
+            f"every target trial of {empty} was excluded ({excluded[:3]}...): "
+            "nothing to reduce there; lower the learning rates and rerun"
+        )
     pending = {
         cell: run_remote(
             reduce_one_cell,
@@ -159,8 +172,9 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
     for (domain, seed), result in results.items():
         suffix = "" if len(results) == 1 else f"_{cell_key(domain, seed)}"
         figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
+    report = table + "\n" + "".join(f"\nexcluded {line}" for line in excluded)
     run_id = tracker.log_reduction(
-        reduce_metrics(results), long_form(results), figures, {REPORT_MD: table + "\n"}
+        reduce_metrics(results), long_form(results), figures, {REPORT_MD: report + "\n"}
     )
     _log_models(config, tracker, run_id, results)
     return Outcome(
@@ -169,6 +183,7 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         tracker.uri,
         tracker.parent_id,
         {cell_key(d, s): r.final_strategy for (d, s), r in results.items()},
+        excluded,
     )
 
 

@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +21,14 @@ from ray import tune
 from safetensors.torch import load_file, save_file
 
 from ratatouille.core.config import ExperimentConfig
+from ratatouille.core.errors import UserError
 from ratatouille.core.names import (
     TRAIN_STATE_FILE,
     MetricKey,
     Stage,
     WeightsFile,
 )
+from ratatouille.engine.train import TrainingDiverged
 from ratatouille.recipe.specs import TrialSpec, spec_from_plain
 from ratatouille.recipe.stages import StateDict, TrialContext, run_trial
 
@@ -58,18 +60,59 @@ class SweepIncomplete(RuntimeError):
     """Some trials of a stage failed or never ran; finished ones are kept for --resume."""
 
 
+class SweepInterrupted(SweepIncomplete):
+    """A stop signal (Ctrl-C, SIGTERM) ended a stage early; finished trials are kept."""
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """A target trial left out of every strategy, and why."""
+
+    spec: TrialSpec
+    reason: str
+
+
+def error_line(error: object) -> str:
+    """The last non-empty line of an error (a Ray trace ends with the original exception)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def diverged(error: object) -> bool:
+    """Whether a trial failed because its loss became NaN or infinite (engine.train)."""
+    return isinstance(error, TrainingDiverged) or "TrainingDiverged" in str(error)
+
+
+class RayUnreachable(UserError):
+    """RAY_ADDRESS names a cluster this driver cannot reach."""
+
+
 def connect_ray() -> str:
-    """Attach to a running cluster (e.g. under `ray submit`), else start a local Ray."""
+    """Attach to the cluster RAY_ADDRESS names (`ray submit`, `ray job submit` and
+    experiments/submit.py set it), else start a Ray of this run's own.
+
+    Never `address="auto"` without RAY_ADDRESS: it would attach to whatever Ray another process
+    started on this machine, e.g. a second `ratatouille run`, and wait for its CPUs, then die
+    with it. A set but unreachable RAY_ADDRESS is an error, never a silent local Ray (on a
+    cluster's head node, GPU trials would then wait forever).
+    """
     for key, value in TUNE_QUIET.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return "attached (already initialized)"
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        return "started a local Ray for this run"
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
-        return "attached to a running cluster"
-    except ConnectionError:
-        ray.init(include_dashboard=False, log_to_driver=False)
-        return "started a local Ray"
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as error:
+        raise RayUnreachable(
+            f"RAY_ADDRESS={address} but no Ray cluster answers there ({error_line(error)}): "
+            "start it (`ray start --head`, `ray up cluster.yaml`) or unset RAY_ADDRESS to run "
+            "on a local Ray of this run's own"
+        ) from None
+    return f"attached to the cluster at {address}"
 
 
 def storage_root(config: ExperimentConfig) -> str:
@@ -202,6 +245,8 @@ class StageRunner:
     tracker: Tracker
     resume: bool = False
     restore_only: bool = False
+    #: target trials that diverged after every retry: left out of the reducer, reported
+    excluded: list[Excluded] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         assert self.tracker.parent_id is not None, "start the parent run before the stages"
@@ -217,12 +262,9 @@ class StageRunner:
         )
 
     def _new_tuner(self, stage: Stage, specs: list[TrialSpec], trainable: Any) -> tune.Tuner:
-        keep_best = stage == Stage.TARGET
-        checkpoints = tune.CheckpointConfig(
-            num_to_keep=1,
-            checkpoint_score_attribute=MetricKey.BEST_ID_VAL_ACC.value if keep_best else None,
-            checkpoint_score_order="max",
-        )
+        # The latest checkpoint only: it resumes a restarted trial where it stopped, and a
+        # target trial's latest checkpoint also holds its best weights (recipe.stages).
+        checkpoints = tune.CheckpointConfig(num_to_keep=1)
         progress = tune.CLIReporter(
             parameter_columns={
                 k: v
@@ -279,22 +321,50 @@ class StageRunner:
         return sorted(outcomes, key=lambda o: order.get(o.spec.key, len(order)))
 
     def _outcomes(self, stage: Stage, grid: Any, expected: int) -> list[TrialOutcome]:
-        failed = [
-            r
-            for r in grid
-            if r.error is not None or not (r.metrics or {}).get(MetricKey.DONE.value)
-        ]
-        if failed or len(grid) != expected:
-            first = next((r.error for r in failed if r.error is not None), "did not finish")
-            raise SweepIncomplete(
-                f"stage {str(stage)!r}: {len(failed)} of {expected} trials failed or did not "
-                f"finish (first: {str(first).strip().splitlines()[-1] if str(first) else first}). "
-                "Finished trials are kept: fix the cause, then `ratatouille run CONFIG --resume`."
-            )
+        """Finished trials. A target trial that diverged after every retry is excluded (and
+        recorded in ``excluded``); any other failure, or a stop, ends the stage."""
+        results = list(grid)
+        finished = [r for r in results if r.error is None and (r.metrics or {}).get("done")]
+        errors = [r for r in results if r.error is not None]
+        unfinished = len(results) - len(finished) - len(errors)  # a stop cut them short
+        for result in errors:  # Tune's error callback comes before the error is readable
+            key = spec_from_plain(result.config["spec"]).key
+            self.tracker.trial_error(key, error_line(result.error))
+        if stage == Stage.TARGET:
+            self._exclude([r for r in errors if diverged(r.error)])
+            errors = [r for r in errors if not diverged(r.error)]
+        if errors or unfinished or len(results) != expected:
+            raise self._incomplete(stage, errors, unfinished, expected)
         return [
             TrialOutcome(spec_from_plain(r.config["spec"]), dict(r.metrics), r.checkpoint)
-            for r in grid
+            for r in finished
         ]
+
+    def _exclude(self, results: list[Any]) -> None:
+        known = {excluded.spec.key for excluded in self.excluded}
+        for result in results:
+            spec = spec_from_plain(result.config["spec"])
+            if spec.key not in known:
+                reason = error_line(result.error)
+                self.excluded.append(Excluded(spec, reason))
+                self.tracker.trial_excluded(spec.key, reason)
+
+    @staticmethod
+    def _incomplete(
+        stage: Stage, errors: list[Any], unfinished: int, expected: int
+    ) -> SweepIncomplete:
+        keep = "Finished trials are kept: fix the cause, then `ratatouille run CONFIG --resume`."
+        if errors:
+            return SweepIncomplete(
+                f"stage {str(stage)!r}: {len(errors)} of {expected} trials failed "
+                f"(first: {error_line(errors[0].error)}). {keep}"
+            )
+        if unfinished:
+            return SweepInterrupted(
+                f"stage {str(stage)!r} was stopped with {unfinished} of {expected} trials "
+                f"unfinished. Finished trials are kept: `ratatouille run CONFIG --resume`."
+            )
+        return SweepIncomplete(f"stage {str(stage)!r}: expected {expected} trials. {keep}")
 
 
 def run_remote(fn, resources, *args: Any):

@@ -109,20 +109,17 @@ def _finetune_config(
 def _train_with_reports(
     model: Classifier, splits: Any, reporter: Reporter, cfg: FineTuneConfig, keep_best: bool
 ) -> FineTuneResult:
-    """fine_tune, reporting id_val_acc at each checkpoint step. With `keep_best` (target runs),
-    a Tune checkpoint (resumable state + the weights as safetensors) only when ID val strictly
-    improves, so the kept checkpoint holds the best weights; otherwise the resumable state at
-    every checkpoint step (the stage reports its final weights itself)."""
+    """fine_tune, reporting id_val_acc and a resumable checkpoint at each evaluation, so a
+    preempted trial loses at most ``checkpoint_freq`` steps. With `keep_best` (target runs) every
+    checkpoint also holds the best-ID-val weights so far as safetensors: the latest checkpoint,
+    the one Tune keeps, is the one the reducer reads. Other stages report their final weights
+    themselves."""
 
     def on_checkpoint(step: int, metrics: Mapping[str, Any], snapshot: Any) -> None:
         row = {**metrics, MetricKey.STEP: step}
-        if not keep_best:
-            reporter.report(row, train_state=snapshot())
-        elif metrics[MetricKey.BEST_STEP] == step:
-            state = snapshot()
-            reporter.report(row, weights={WeightsFile.MODEL: state["model"]}, train_state=state)
-        else:
-            reporter.report(row)
+        state = snapshot()
+        weights = {WeightsFile.MODEL: state["best_state"]} if keep_best else None
+        reporter.report(row, weights=weights, train_state=state)
 
     return fine_tune(
         model,

@@ -25,6 +25,8 @@ from ratatouille.core.names import CURVE_METRICS, FINAL_METRICS, PLACEMENT_METRI
 ROLE = "ratatouille.role"
 TRIAL_KEY = "ratatouille.trial_key"
 RUN_DIR = "ratatouille.run_dir"
+ERROR = "ratatouille.error"
+EXCLUDED = "ratatouille.excluded"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -63,6 +65,9 @@ class Tracker:
         self.experiment_name = experiment_name
         self.parent_id: str | None = None
         self._trial_runs: dict[str, str] = {}
+        # The last step logged per trial run: a trial restarted from a checkpoint (or by a
+        # --resume) may report a step again; its curves keep each step once.
+        self._last_step: dict[str, int] = {}
 
     # -- parent -------------------------------------------------------------------------
     def start_parent(
@@ -88,8 +93,18 @@ class Tracker:
         self.client.set_terminated(run_id)
 
     def finish_parent(self, status: str = "FINISHED") -> None:
-        if self.parent_id:
-            self.client.set_terminated(self.parent_id, status=status)
+        """End the parent run; child runs still RUNNING (trials cut short by a stop) end with
+        the parent's status, so the store never shows a run as live after its driver left."""
+        if not self.parent_id:
+            return
+        live = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'",
+            max_results=5000,
+        )
+        for run in live:
+            self.client.set_terminated(run.info.run_id, status=status)
+        self.client.set_terminated(self.parent_id, status=status)
 
     # -- trials -------------------------------------------------------------------------
     def _existing_trial_runs(self) -> dict[str, str]:
@@ -107,6 +122,9 @@ class Tracker:
         if trial_key in self._trial_runs:
             run_id = self._trial_runs[trial_key]
             self.client.update_run(run_id, status="RUNNING")
+            if trial_key not in self._last_step:  # a run of an earlier driver (--resume)
+                history = self.client.get_metric_history(run_id, str(MetricKey.ID_VAL_ACC))
+                self._last_step[trial_key] = max((m.step for m in history), default=-1)
             return run_id
         run = self.client.create_run(
             self.experiment_id,
@@ -128,14 +146,30 @@ class Tracker:
         run_id = self._trial_runs.get(trial_key)
         if run_id is None or MetricKey.STEP not in metrics:
             return
+        step = int(metrics[MetricKey.STEP])
+        if step <= self._last_step.get(trial_key, -1):
+            return  # trained again after a restart: the curve already has this step
+        self._last_step[trial_key] = step
         # One request per checkpoint: on a cluster every call is a round trip to the server.
-        now, step = int(time.time() * 1000), int(metrics[MetricKey.STEP])
+        now = int(time.time() * 1000)
         batch = [
             Metric(str(key), float(metrics[key]), now, step)
             for key in CURVE_METRICS
             if isinstance(metrics.get(key), (int, float))
         ]
         self.client.log_batch(run_id, metrics=batch)
+
+    def trial_error(self, trial_key: str, error: str) -> None:
+        """The last line of a failed trial's error, so the MLflow UI says why it failed."""
+        run_id = self._trial_runs.get(trial_key)
+        if run_id is not None:
+            self.client.set_tag(run_id, ERROR, error[-4000:])
+
+    def trial_excluded(self, trial_key: str, reason: str) -> None:
+        """Tag a trial left out of every strategy with the reason (a diverged loss)."""
+        run_id = self._trial_runs.get(trial_key)
+        if run_id is not None:
+            self.client.set_tag(run_id, EXCLUDED, reason[-4000:])
 
     def trial_restarted(self, trial_key: str) -> None:
         """Count restarts from checkpoints (FailureConfig) on the trial's run."""
