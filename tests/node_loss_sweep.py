@@ -26,16 +26,17 @@ NODE = {"object_store_memory": 150 * 1024**2}
 
 
 def _replace_worker_when_targets_checkpointed(cluster, worker, target_dir: Path, log: dict):
+    """Once a target trial has checkpointed its third evaluation, the worker node dies (as a
+    preempted node does) and, 2 s later, a fresh one joins. Progress goes to stderr, which
+    the test shows when it fails."""
     deadline = time.time() + 300
     while time.time() < deadline:
-        checkpoints = list(target_dir.glob("target_*/checkpoint_000002"))
-        if len(checkpoints) >= 1:
+        if any(target_dir.glob("target_*/checkpoint_000002")):
             print("removing the worker node", file=sys.stderr, flush=True)
             cluster.remove_node(worker)
             time.sleep(2)
-            print("adding a fresh node", file=sys.stderr, flush=True)
             log["new_node"] = cluster.add_node(num_cpus=2, **NODE).node_id
-            print("added", log["new_node"], file=sys.stderr, flush=True)
+            print(f"added node {log['new_node']}", file=sys.stderr, flush=True)
             return
         time.sleep(0.1)
 

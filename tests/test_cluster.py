@@ -14,20 +14,25 @@ import pytest
 pytestmark = pytest.mark.ray
 
 
-def test_sweep_on_two_nodes_places_gpu_trials_on_the_gpu_worker(tmp_path):
-    # Its own process: this session's Ray is already initialised for the other tests.
-    script = Path(__file__).with_name("two_node_sweep.py")
+def _run_cluster_script(name: str, root: Path) -> dict:
+    """Run a script that drives its own ray.cluster_utils cluster, in its own process (this
+    session's Ray is already initialised for the other tests); its JSON summary."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    script = Path(__file__).with_name(name)
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
+        [sys.executable, str(script), str(root)],
         capture_output=True,
         text=True,
         timeout=600,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_sweep_on_two_nodes_places_gpu_trials_on_the_gpu_worker(tmp_path):
+    summary = _run_cluster_script("two_node_sweep.py", tmp_path)
     stages = Counter(stage for stage, _, _ in summary["placements"])
     assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 4}
     for stage, node, gpus in summary["placements"]:
