@@ -176,9 +176,12 @@ def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
     return SweepState(cells, featurizers, heads, targets)
 
 
-def open_run(config: ExperimentConfig, continue_last: bool) -> tuple[Tracker, str]:
-    """The MLflow parent run and run folder: a new pair, or the latest one to continue."""
-    tracker = Tracker(config.name, config.tracking.mlflow_uri)
+def open_run(
+    config: ExperimentConfig, continue_last: bool, command: str = "ratatouille run"
+) -> tuple[Tracker, str]:
+    """The MLflow parent run and run folder: a new pair, or the latest one to continue.
+    ``command`` is recorded as the entry point of the runs it creates."""
+    tracker = Tracker(config.name, config.tracking.mlflow_uri, entry_point=command)
     if not continue_last:
         run_dir = new_run_dir(config)
         tracker.start_parent(run_dir, config.model_dump(mode="json"))
@@ -203,7 +206,10 @@ def run_pipeline(
     Every check of the user's input runs first: a bad config stops before Ray or MLflow start.
     """
     check_experiment(config)
-    tracker, run_dir = open_run(config, continue_last=resume or reduce_only)
+    command = "ratatouille run --resume" if resume else "ratatouille run"
+    if reduce_only:
+        command = "ratatouille reduce"
+    tracker, run_dir = open_run(config, continue_last=resume or reduce_only, command=command)
     print(f"ray: {connect_ray()}", file=sys.stderr)
     runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only)
     try:
