@@ -173,11 +173,12 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     figures = {a.path for a in client.list_artifacts(reducer.info.run_id, "figures")}
     assert len(figures) >= 4 and all(path.endswith(".png") for path in figures)
     versions = client.search_model_versions("name = 'tiny-ratatouille'")
-    # registered from the parent run (the sweep that made it), logged by the reducer run
+    # logged and registered by the parent run (the sweep that made it), an output of the reducer
     assert versions and versions[0].run_id == outcome.parent_run_id
     (logged,) = client.search_logged_models([reducer.info.experiment_id])
     assert versions[0].source == f"models:/{logged.model_id}"
-    assert logged.source_run_id == reducer.info.run_id
+    assert logged.source_run_id == outcome.parent_run_id
+    assert [o.model_id for o in reducer.outputs.model_outputs] == [logged.model_id]
     # The registered model is the final ratatouille model: its OOD accuracy, recomputed here
     # from the registry, is the one logged for the strategy the reducer chose.
     mlflow.set_tracking_uri(config.tracking.mlflow_uri)

@@ -38,7 +38,6 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_GIT_COMMIT,
     MLFLOW_GIT_REPO_URL,
     MLFLOW_LOGGED_ARTIFACTS,
-    MLFLOW_MODEL_VERSIONS,
     MLFLOW_PROJECT_ENTRY_POINT,
 )
 
@@ -430,10 +429,9 @@ class Tracker:
         tags: Mapping[str, str],
         input_example: np.ndarray,
     ) -> str:
-        """Log the model to the reducer run and register it as a version of the parent run:
-        the runs page shows a run's logged models and the versions registered from it, so the
-        reducer's row lists the model and the parent's row (the one row shown until expanded)
-        its version.
+        """Log the model to the parent run, as MLflow's sweeps do (the runs page shows a model
+        on the row of the run that logged it, and the parent's is the one row shown until it is
+        expanded), register it, and list it among the reducer run's outputs.
 
         The package source travels with it (code_paths) so the model loads where ratatouille is
         not installed; explicit requirements spare MLflow's slow inference by re-importing.
@@ -442,7 +440,7 @@ class Tracker:
 
         with torch.no_grad():
             output = model(torch.tensor(input_example)).numpy()
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=self.parent_id):
             # pickle, not pt2: torch.export cannot trace every timm architecture.
             info = mlflow.pytorch.log_model(
                 model,
@@ -454,24 +452,14 @@ class Tracker:
                 code_paths=[str(Path(__file__).parents[1])],
                 pip_requirements=_model_requirements(),
             )
-        assert self.parent_id is not None, "the reducer run belongs to a parent run"
-        version = str(self._new_version(registered_name, info, dict(tags)))
-        self.client.log_outputs(self.parent_id, [LoggedModelOutput(info.model_id, step=0)])
+        version = str(
+            mlflow.register_model(info.model_uri, registered_name, tags=dict(tags)).version
+        )
+        self.client.log_outputs(run_id, [LoggedModelOutput(info.model_id, step=0)])
         self.client.set_tag(
             run_id, f"registered_model/{artifact_name}", f"{registered_name}/{version}"
         )
         return version
-
-    def _new_version(self, name: str, info: Any, tags: dict[str, str]) -> int:
-        """A version of ``name`` from the parent run, linked both ways with the logged model."""
-        if not self.client.search_registered_models(f"name = '{name}'"):
-            self.client.create_registered_model(name)
-        version = self.client.create_model_version(
-            name, info.model_uri, run_id=self.parent_id, tags=tags, model_id=info.model_id
-        ).version
-        link = [{"name": name, "version": str(version)}]
-        self.client.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(link)})
-        return int(version)
 
 
 def _model_requirements() -> list[str]:
