@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import requests
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import save_file
@@ -26,6 +27,7 @@ from ratatouille.engine.train import evaluate_accuracy
 from ratatouille.orchestration.pipeline import pool_path, reduce_latest, run_pipeline
 from ratatouille.pool.store import Pool
 from ratatouille.recipe.sweep import aux_entry_name, robust_name
+from ratatouille.tracking.server import mlflow_server
 from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -414,3 +416,69 @@ def test_report_prints_the_table_and_writes_markdown_and_csv(sweep, tmp_path, ca
     # the link opens the experiment on its training runs, not on MLflow 3's GenAI overview
     experiment = sweep[2].get_experiment_by_name("tiny").experiment_id
     assert f"/#/experiments/{experiment}/runs?workflowType=machine_learning" in out
+
+
+def test_mlflow_server_serves_every_record_of_the_sweep(sweep, tmp_path):
+    config, outcome, _client = sweep
+    with mlflow_server(config.tracking.mlflow_uri, tmp_path) as url:
+        api = f"{url}/api/2.0/mlflow"
+
+        def get(endpoint, /, **params):
+            response = requests.get(f"{api}/{endpoint}", params=params, timeout=30)
+            assert response.ok, response.text
+            return response.json()
+
+        experiment = get("experiments/get-by-name", experiment_name="tiny")["experiment"]
+        tags = {tag["key"]: tag["value"] for tag in experiment["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        found = requests.post(
+            f"{api}/runs/search",
+            json={"experiment_ids": [experiment["experiment_id"]], "max_results": 1000},
+            timeout=30,
+        ).json()["runs"]
+        parent = next(r for r in found if r["info"]["run_id"] == outcome.parent_run_id)
+        children = [r for r in found if _tag(r, "mlflow.parentRunId") == outcome.parent_run_id]
+        stages = Counter(
+            _tag(r, "stage") for r in children if _tag(r, "ratatouille.role") == "trial"
+        )
+        assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 12}
+        (reducer,) = [r for r in children if _tag(r, "ratatouille.role") == "reducer"]
+        # what the runs page shows in its Source, Dataset and Models columns
+        for run in [parent, *children]:
+            assert _tag(run, "mlflow.source.name") and _tag(run, "mlflow.source.type") == "LOCAL"
+            assert run["inputs"]["dataset_inputs"], run["info"]["run_name"]
+        for run in (parent, reducer):
+            assert run["outputs"]["model_outputs"], run["info"]["run_name"]
+        reducer_id = reducer["info"]["run_id"]
+        listed = {f["path"] for f in get("artifacts/list", run_id=reducer_id)["files"]}
+        assert {"comparison.json", "comparison.csv", "report.md", "figures"} <= listed
+        figures = [
+            f["path"] for f in get("artifacts/list", run_id=reducer_id, path="figures")["files"]
+        ]
+        assert len(figures) >= 4
+        table = requests.get(
+            f"{url}/get-artifact", params={"run_uuid": reducer_id, "path": "comparison.json"}
+        ).json()
+        strategy = table["columns"].index("strategy")
+        assert sorted(row[strategy] for row in table["data"]) == sorted(STRATEGIES)
+        image = requests.get(
+            f"{url}/get-artifact", params={"run_uuid": reducer_id, "path": figures[0]}
+        )
+        assert image.content.startswith(b"\x89PNG")
+        model = get("registered-models/get", name="tiny-ratatouille")["registered_model"]
+        champion = get("registered-models/alias", name="tiny-ratatouille", alias="champion")
+        assert champion["model_version"]["run_id"] == outcome.parent_run_id
+        logged = requests.post(
+            f"{api}/logged-models/search",
+            json={"experiment_ids": [experiment["experiment_id"]]},
+            timeout=30,
+        ).json()["models"]
+        assert [m["info"]["source_run_id"] for m in logged] == [outcome.parent_run_id]
+        assert {a["alias"] for a in model["aliases"]} == {"champion", "champion-rot30-split0"}
+        assert requests.get(url, timeout=30).ok  # the UI itself
+    with pytest.raises(requests.ConnectionError):  # stopped on leaving the block
+        requests.get(f"{url}/health", timeout=5)
+
+
+def _tag(run: dict, key: str) -> str | None:
+    return next((t["value"] for t in run["data"].get("tags", []) if t["key"] == key), None)

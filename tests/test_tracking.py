@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from ratatouille.engine.models import build_classifier
+from ratatouille.tracking.server import mlflow_server
 from ratatouille.tracking.store import Tracker
 from tiny import tiny_config
 
@@ -126,3 +127,11 @@ def test_a_model_version_per_distinct_final_model_and_aliases_follow_the_latest(
     assert info.signature.inputs.inputs[0].shape == (-1, 3, 16, 16)
     assert info.signature.outputs.inputs[0].shape == (-1, 3)
     assert info.saved_input_example_info is not None
+
+
+def test_a_server_that_cannot_start_is_one_error_carrying_its_log(tmp_path):
+    with (
+        pytest.raises(RuntimeError, match="did not start(.|\n)*unsupported URI 'bogus://store'"),
+        mlflow_server("bogus://store", tmp_path),
+    ):
+        pass
