@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import io
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import requests
 import torch
 from mlflow import MlflowClient
+from safetensors.torch import save_file
 
 from ratatouille.cli.main import main
+from ratatouille.core.config import parse_config
 from ratatouille.core.names import FUSING, PRETRAINED
 from ratatouille.data import get_dataset, target_splits
 from ratatouille.engine.train import evaluate_accuracy
 from ratatouille.orchestration.pipeline import pool_path, reduce_latest, run_pipeline
 from ratatouille.pool.store import Pool
 from ratatouille.recipe.sweep import aux_entry_name, robust_name
+from ratatouille.tracking.server import mlflow_server
 from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -168,7 +175,12 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     figures = {a.path for a in client.list_artifacts(reducer.info.run_id, "figures")}
     assert len(figures) >= 4 and all(path.endswith(".png") for path in figures)
     versions = client.search_model_versions("name = 'tiny-ratatouille'")
-    assert versions and versions[0].run_id == reducer.info.run_id
+    # logged and registered by the parent run (the sweep that made it), an output of the reducer
+    assert versions and versions[0].run_id == outcome.parent_run_id
+    (logged,) = client.search_logged_models([reducer.info.experiment_id])
+    assert versions[0].source == f"models:/{logged.model_id}"
+    assert logged.source_run_id == outcome.parent_run_id
+    assert [o.model_id for o in reducer.outputs.model_outputs] == [logged.model_id]
     # The registered model is the final ratatouille model: its OOD accuracy, recomputed here
     # from the registry, is the one logged for the strategy the reducer chose.
     mlflow.set_tracking_uri(config.tracking.mlflow_uri)
@@ -183,17 +195,174 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
         assert strategy in outcome.table_markdown
 
 
-def test_reduce_again_updates_the_same_reducer_run(sweep):
+PROVENANCE = (
+    "mlflow.user",
+    "mlflow.source.name",
+    "mlflow.source.type",
+    "mlflow.project.entryPoint",
+    "ratatouille.version",
+    "ratatouille.config_sha256",
+)
+
+
+def test_every_run_carries_the_provenance_of_the_command_that_made_it(sweep):
+    _config, outcome, client = sweep
+    parent = client.get_run(outcome.parent_run_id).data.tags
+    assert parent["mlflow.user"] == getpass.getuser()
+    assert parent["mlflow.project.entryPoint"] == "ratatouille run"
+    runs = _children(client, outcome, "trial") + _children(client, outcome, "reducer")
+    assert len(runs) == 17
+    for run in runs:
+        assert {key: run.data.tags.get(key) for key in PROVENANCE} == {
+            key: parent[key] for key in PROVENANCE
+        }
+        assert run.data.tags.get("mlflow.source.git.commit") == parent.get(
+            "mlflow.source.git.commit"
+        )
+
+
+def _inputs(run) -> dict[str, tuple[str, str, dict]]:
+    """name -> (digest, context, profile) of a run's dataset inputs."""
+    found = {}
+    for item in run.inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in item.tags}
+        profile = json.loads(item.dataset.profile)
+        found[item.dataset.name] = (item.dataset.digest, tags["mlflow.data.context"], profile)
+    return found
+
+
+def test_every_run_records_the_data_it_was_computed_on(sweep):
+    config, outcome, _client = sweep
+    mlflow.set_tracking_uri(config.tracking.mlflow_uri)
+    digits = get_dataset("digits", seed=config.seed)
+    train = [name for name in digits.domains if name != "rot30"]
+    train_name = f"digits ({', '.join(train)})"
+    runs = mlflow.search_runs(
+        experiment_names=["tiny"],
+        filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'",
+        output_format="list",
+    )
+    by_stage: dict[str, list[dict]] = {}
+    for run in runs:
+        stage = run.data.tags.get("stage", run.data.tags["ratatouille.role"])
+        by_stage.setdefault(stage, []).append(_inputs(run))
+    targets = by_stage["target"] + by_stage["probe"]
+    assert all(list(found) == [train_name] for found in targets)
+    digest, context, profile = targets[0][train_name]
+    assert {found[train_name][0] for found in targets} == {digest}
+    assert context == "training" and profile["split_seed"] == 0
+    assert profile["items"] == sum(digits.domain_size(digits.domains.index(d)) for d in train)
+    (pretrain,) = by_stage["pretrain"]
+    assert list(pretrain) == ["digits_t0 (clean)"]
+    assert sorted(name.split(" ")[0] for found in by_stage["aux"] for name in found) == sorted(
+        config.aux.tasks
+    )
+    (reducer,) = by_stage["reducer"]
+    assert reducer[train_name][:2] == (digest, "validation")
+    test_digest, test_context, test_profile = reducer["digits (rot30)"]
+    assert test_context == "test" and test_digest != digest
+    assert test_profile["items"] == digits.domain_size(digits.domains.index("rot30"))
+    # the parent, the one row the runs page shows folded, lists every dataset of the sweep
+    parent = _inputs(mlflow.get_run(outcome.parent_run_id))
+    children = {
+        name: found[name][0] for group in by_stage.values() for found in group for name in found
+    }
+    assert {name: value[0] for name, value in parent.items()} == children
+
+
+def test_the_champion_loads_in_a_fresh_process_and_scores_the_logged_ood_accuracy(sweep, tmp_path):
     config, outcome, client = sweep
-    (before,) = _children(client, outcome, "reducer")
+    (reducer,) = _children(client, outcome, "reducer")
+    champion = client.get_model_version_by_alias("tiny-ratatouille", "champion")
+    assert champion.run_id == outcome.parent_run_id
+    assert (champion.tags["test_domain"], champion.tags["split_seed"]) == ("rot30", "0")
+    assert champion.tags["strategy"] == outcome.final_strategies["rot30-split0"]
+    cell = client.get_model_version_by_alias("tiny-ratatouille", "champion-rot30-split0")
+    assert cell.version == champion.version
+    # the held-out domain in full, as the reducer's OOD split holds it
+    digits = get_dataset("digits", seed=config.seed)
+    held_out = digits.domain(digits.domains.index("rot30"), train=False)
+    images = torch.stack([held_out[i][0] for i in range(len(held_out))])
+    labels = torch.tensor([held_out[i][1] for i in range(len(held_out))])
+    save_file({"images": images}, str(tmp_path / "ood.safetensors"))
+    script = (
+        "import sys, mlflow, torch\n"
+        "from safetensors.torch import load_file\n"
+        f"mlflow.set_tracking_uri({config.tracking.mlflow_uri!r})\n"
+        "model = mlflow.pytorch.load_model('models:/tiny-ratatouille@champion').eval()\n"
+        "with torch.no_grad():\n"
+        "    logits = model(load_file(sys.argv[1])['images'])\n"
+        "print(','.join(str(int(k)) for k in logits.argmax(1)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "ood.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    predictions = torch.tensor([int(k) for k in result.stdout.strip().splitlines()[-1].split(",")])
+    accuracy = (predictions == labels).double().mean().item()
+    assert accuracy == pytest.approx(reducer.data.metrics[f"ood_acc/{champion.tags['strategy']}"])
+
+
+def _reducer_state(client, outcome) -> dict:
+    """The reducer run as a user's script reads it back: table, metric points, versions."""
+    (reducer,) = _children(client, outcome, "reducer")
+    run_id = reducer.info.run_id
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    mlflow.set_tracking_uri(client.tracking_uri)
+    frame = mlflow.search_runs([experiment], filter_string=f"attributes.run_id = '{run_id}'")
+    versions = client.search_model_versions("name = 'tiny-ratatouille'")
+    return {
+        "run_id": run_id,
+        "table": client.load_table(experiment, "comparison.json", run_ids=[run_id]),
+        "latest": {k: v for k, v in frame.iloc[0].items() if k.startswith("metrics.")},
+        "points": {
+            key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+            for key in reducer.data.metrics
+        },
+        "versions": sorted((int(v.version), v.tags["weights_sha256"]) for v in versions),
+        "champion": client.get_model_version_by_alias("tiny-ratatouille", "champion").version,
+    }
+
+
+def test_reducing_an_unchanged_sweep_again_changes_nothing(sweep):
+    config, outcome, client = sweep
+    before = _reducer_state(client, outcome)
+    assert len(before["table"]) == len(STRATEGIES)  # one row per strategy of the one cell
+    assert all(len(points) == 1 for points in before["points"].values())
     again = reduce_latest("tiny", config.tracking.mlflow_uri)
     assert again.parent_run_id == outcome.parent_run_id
-    (after,) = _children(client, outcome, "reducer")
-    assert after.info.run_id == before.info.run_id
-    for strategy in STRATEGIES:  # same weights, same data: the same numbers
-        key = f"ood_acc/{strategy}"
-        assert after.data.metrics[key] == pytest.approx(before.data.metrics[key])
+    after = _reducer_state(client, outcome)
+    assert after["run_id"] == before["run_id"]
+    pd.testing.assert_frame_equal(after["table"], before["table"])
+    assert after["points"] == before["points"] and after["latest"] == before["latest"]
+    assert after["versions"] == before["versions"] == [(1, before["versions"][0][1])]
+    assert after["champion"] == before["champion"]
     assert len(_children(client, outcome, "trial")) == 16  # restoring trained nothing
+
+
+def test_reducing_with_a_new_setting_replaces_the_table_and_keeps_the_model(sweep):
+    config, outcome, client = sweep
+    before = _reducer_state(client, outcome)
+    raw = config.model_dump(mode="json")
+    raw["reduce"]["wise_alpha"] = 0.9  # WiSE moves; the final ratatouille model does not
+    run_pipeline(parse_config(raw), reduce_only=True)
+    after = _reducer_state(client, outcome)
+    wise = after["points"]["ood_acc/wise_ft"]
+    assert [step for step, _ in wise] == [0, 1] and wise[0] == before["points"]["ood_acc/wise_ft"][
+        0
+    ]
+    assert len(after["table"]) == len(STRATEGIES)  # replaced, not appended to
+    row = after["table"].set_index("strategy").loc["wise_ft"]
+    assert row.ood_acc == pytest.approx(wise[-1][1])
+    assert after["latest"]["metrics.ood_acc/wise_ft"] == pytest.approx(wise[-1][1])
+    assert after["versions"] == before["versions"]  # same final weights, no new version
+    (reducer,) = _children(client, outcome, "reducer")
+    assert reducer.data.tags["mlflow.project.entryPoint"] == "ratatouille reduce"
 
 
 def test_second_experiment_reuses_pretrained_and_pool(sweep):
@@ -244,3 +413,72 @@ def test_report_prints_the_table_and_writes_markdown_and_csv(sweep, tmp_path, ca
         assert row.ood_acc == pytest.approx(reducer.data.metrics[f"ood_acc/{row.strategy}"])
         assert f"| {row.strategy} | {100 * row.ood_acc:.1f} |" in markdown
     assert "| ratatouille_uniform |" in out
+    # the link opens the experiment on its training runs, not on MLflow 3's GenAI overview
+    experiment = sweep[2].get_experiment_by_name("tiny").experiment_id
+    assert f"/#/experiments/{experiment}/runs?workflowType=machine_learning" in out
+
+
+def test_mlflow_server_serves_every_record_of_the_sweep(sweep, tmp_path):
+    config, outcome, _client = sweep
+    with mlflow_server(config.tracking.mlflow_uri, tmp_path) as url:
+        api = f"{url}/api/2.0/mlflow"
+
+        def get(endpoint, /, **params):
+            response = requests.get(f"{api}/{endpoint}", params=params, timeout=30)
+            assert response.ok, response.text
+            return response.json()
+
+        experiment = get("experiments/get-by-name", experiment_name="tiny")["experiment"]
+        tags = {tag["key"]: tag["value"] for tag in experiment["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        found = requests.post(
+            f"{api}/runs/search",
+            json={"experiment_ids": [experiment["experiment_id"]], "max_results": 1000},
+            timeout=30,
+        ).json()["runs"]
+        parent = next(r for r in found if r["info"]["run_id"] == outcome.parent_run_id)
+        children = [r for r in found if _tag(r, "mlflow.parentRunId") == outcome.parent_run_id]
+        stages = Counter(
+            _tag(r, "stage") for r in children if _tag(r, "ratatouille.role") == "trial"
+        )
+        assert stages == {"pretrain": 1, "aux": 2, "probe": 1, "target": 12}
+        (reducer,) = [r for r in children if _tag(r, "ratatouille.role") == "reducer"]
+        # what the runs page shows in its Source, Dataset and Models columns
+        for run in [parent, *children]:
+            assert _tag(run, "mlflow.source.name") and _tag(run, "mlflow.source.type") == "LOCAL"
+            assert run["inputs"]["dataset_inputs"], run["info"]["run_name"]
+        for run in (parent, reducer):
+            assert run["outputs"]["model_outputs"], run["info"]["run_name"]
+        reducer_id = reducer["info"]["run_id"]
+        listed = {f["path"] for f in get("artifacts/list", run_id=reducer_id)["files"]}
+        assert {"comparison.json", "comparison.csv", "report.md", "figures"} <= listed
+        figures = [
+            f["path"] for f in get("artifacts/list", run_id=reducer_id, path="figures")["files"]
+        ]
+        assert len(figures) >= 4
+        table = requests.get(
+            f"{url}/get-artifact", params={"run_uuid": reducer_id, "path": "comparison.json"}
+        ).json()
+        strategy = table["columns"].index("strategy")
+        assert sorted(row[strategy] for row in table["data"]) == sorted(STRATEGIES)
+        image = requests.get(
+            f"{url}/get-artifact", params={"run_uuid": reducer_id, "path": figures[0]}
+        )
+        assert image.content.startswith(b"\x89PNG")
+        model = get("registered-models/get", name="tiny-ratatouille")["registered_model"]
+        champion = get("registered-models/alias", name="tiny-ratatouille", alias="champion")
+        assert champion["model_version"]["run_id"] == outcome.parent_run_id
+        logged = requests.post(
+            f"{api}/logged-models/search",
+            json={"experiment_ids": [experiment["experiment_id"]]},
+            timeout=30,
+        ).json()["models"]
+        assert [m["info"]["source_run_id"] for m in logged] == [outcome.parent_run_id]
+        assert {a["alias"] for a in model["aliases"]} == {"champion", "champion-rot30-split0"}
+        assert requests.get(url, timeout=30).ok  # the UI itself
+    with pytest.raises(requests.ConnectionError):  # stopped on leaving the block
+        requests.get(f"{url}/health", timeout=5)
+
+
+def _tag(run: dict, key: str) -> str | None:
+    return next((t["value"] for t in run["data"].get("tags", []) if t["key"] == key), None)

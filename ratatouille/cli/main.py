@@ -65,11 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     pool_commands = pool.add_subparsers(dest="pool_command", required=True)
     for name in ("list", "verify"):
         pool_commands.add_parser(name).add_argument("--pool", required=True, help="pool folder")
-    imp = pool_commands.add_parser("import", help="add a featurizer file to a pool")
-    imp.add_argument("file")
+    imp = pool_commands.add_parser(
+        "import", help="add a featurizer (a file, a timm model folder or hub repo) to a pool"
+    )
+    imp.add_argument(
+        "file",
+        metavar="SOURCE",
+        help="a .safetensors file, a timm model folder local-dir:/path (config.json + "
+        "model.safetensors) or a timm hub repo hf-hub:timm/NAME",
+    )
     imp.add_argument("--pool", required=True)
     imp.add_argument("--name", required=True)
-    imp.add_argument("--arch", required=True, help="timm architecture name, e.g. resnet50")
+    imp.add_argument(
+        "--arch",
+        required=True,
+        help="the pool's architecture, as model.arch names it: resnet50, hf-hub:timm/NAME or "
+        "local-dir:/path; the weights' shapes are checked against it",
+    )
     imp.add_argument("--source-task", default="imported")
     imp.add_argument(
         "--trust-pickle",

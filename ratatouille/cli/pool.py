@@ -72,7 +72,8 @@ def cli_import(
     trust_pickle: bool,
     source_task: str = "imported",
 ) -> int:
-    """``ratatouille pool import FILE --pool DIR --name NAME --arch TIMM_NAME [--trust-pickle]``."""
+    """``ratatouille pool import SOURCE --pool DIR --name NAME --arch ARCH [--trust-pickle]``;
+    SOURCE is a weights file, ``local-dir:/path`` or ``hf-hub:timm/NAME``."""
     pool = Pool(pool_dir)
     entry = import_weights(
         file, pool, name=name, arch=arch, source_task=source_task, trust_pickle=trust_pickle

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ratatouille.orchestration.reporting import Outcome
 from ratatouille.reducer.summary import format_table, summarize_long
-from ratatouille.tracking.store import latest_parent, read_comparison
+from ratatouille.tracking.store import RUNS_PAGE_QUERY, latest_parent, read_comparison
 
 
 def print_outcome(outcome: Outcome) -> None:
@@ -17,15 +17,23 @@ def print_outcome(outcome: Outcome) -> None:
         print(f"excluded {line}")
     print(f"\nfinal model: {outcome.final_strategies}")
     print(f"MLflow: {outcome.tracking_uri}, parent run {outcome.parent_run_id}")
-    print(_mlflow_hint(outcome.tracking_uri))
+    if outcome.model_versions:
+        print(f"registered model versions: {outcome.model_versions}")
+    print(_mlflow_hint(outcome.tracking_uri, outcome.experiment_id))
 
 
-def _mlflow_hint(uri: str) -> str:
+def _mlflow_hint(uri: str, experiment_id: str = "") -> str:
+    """How to open the store on the experiment's training runs: MLflow 3's UI lands on its
+    GenAI pages unless the link asks for the runs."""
+    page = f"#/experiments/{experiment_id}/runs?{RUNS_PAGE_QUERY}" if experiment_id else ""
     if uri.startswith("sqlite:"):
         beside = Path(sys.executable).with_name("mlflow")  # the venv's mlflow, maybe not on PATH
         command = str(beside) if beside.exists() else "mlflow"
-        return f"open it with: {command} ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
-    return f"open {uri} in a browser"
+        return (
+            f"open it with: {command} ui --backend-store-uri {uri}  "
+            f"(then http://127.0.0.1:5000/{page})"
+        )
+    return f"open {uri.rstrip('/')}/{page} in a browser"
 
 
 def write_report(experiment: str | None, tracking_uri: str | None, out: str) -> Path:
@@ -43,5 +51,5 @@ def write_report(experiment: str | None, tracking_uri: str | None, out: str) -> 
     print(f"{tracker.experiment_name}: OOD test accuracy (%), mean ± std over split seeds\n")
     print(table)
     print(f"\nwrote {folder / 'report.md'} and {folder / 'report.csv'}")
-    print(_mlflow_hint(tracker.uri))
+    print(_mlflow_hint(tracker.uri, tracker.experiment_id))
     return folder

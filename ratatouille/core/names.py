@@ -32,6 +32,8 @@ class MetricKey(StrEnum):
     DONE = "done"  # the closing report: the trial finished its schedule
     NODE_ID = "node_id"
     GPU_IDS = "gpu_ids"
+    # in the closing report: a JSON record (data.identity) of the domains the trial read
+    DATA_INPUT = "data_input"
 
 
 #: Reported at every checkpoint step, logged as curves over steps.

@@ -14,8 +14,10 @@ recombined independently.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -36,15 +38,86 @@ class ModelConfigError(UserError, ValueError):
     """An unknown architecture or an unusable weights file; the message names the fix."""
 
 
+#: timm's prefixes for models that carry their own config.json and weights (timm >= 1.0).
+HUB_SOURCE, LOCAL_DIR_SOURCE = "hf-hub", "local-dir"
+#: The one weights file read from a hub repo or a model folder: pickles are never loaded.
+SAFE_WEIGHTS_NAME = "model.safetensors"
+
+
+def model_source(arch: str) -> tuple[str | None, str]:
+    """``(source, id)`` of a timm model name: ``(None, name)`` for a registry name,
+    ``("hf-hub", "timm/resnet50.a1_in1k")`` or ``("local-dir", "/path")`` otherwise."""
+    try:
+        source, model_id = timm.models.parse_model_name(arch)
+    except ValueError as error:
+        raise ModelConfigError(f"model.arch {arch!r}: {error}") from None
+    return source, model_id
+
+
 def check_arch(arch: str) -> None:
-    """Fail with close matches when ``arch`` is not a timm architecture."""
-    if timm.is_model(arch):
+    """Fail with close matches when ``arch`` is not a timm architecture; for a hub repo or a
+    model folder, fail when its config.json cannot be read or names no timm architecture."""
+    source = model_source(arch)[0]
+    name = arch if source is None else str(_source_config(arch).get("architecture"))
+    if timm.is_model(name):
         return
+    if source is not None:
+        raise ModelConfigError(
+            f"model.arch {arch!r}: its config.json names architecture {name!r}, which this timm "
+            f"({timm.__version__}) does not know; upgrade timm or pick another model"
+        )
     close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.8)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
     raise ModelConfigError(
         f"model.arch {arch!r} is not a timm architecture{hint}; see "
-        "timm.list_models() for valid names"
+        "timm.list_models() for valid names, or name a hub repo (hf-hub:timm/NAME) or a model "
+        "folder (local-dir:/path holding config.json and model.safetensors)"
+    )
+
+
+def _source_config(arch: str) -> dict[str, Any]:
+    """The config.json of a hub repo (fetched, or read from the local cache) or a folder."""
+    source, model_id = model_source(arch)
+    if source == LOCAL_DIR_SOURCE:
+        path = Path(model_id).expanduser() / "config.json"
+        if not path.is_file():
+            raise ModelConfigError(
+                f"model folder {arch!r} has no {path.name}: a timm model folder holds config.json "
+                f"and {SAFE_WEIGHTS_NAME} (timm.models.save_for_hf writes both)"
+            )
+        try:
+            return dict(json.loads(path.read_text()))
+        except ValueError as error:
+            raise ModelConfigError(f"{path} is not a timm config.json ({error})") from None
+    try:
+        pretrained_cfg, name, _args = timm.models.load_model_config_from_hf(model_id)
+    except Exception as error:
+        if not _is_hub_failure(error):
+            raise
+        raise _hub_unavailable(arch, "its config.json", error) from error
+    return {"architecture": name, "pretrained_cfg": pretrained_cfg}
+
+
+def check_folder_weights(arch: str) -> Path:
+    """The ``model.safetensors`` of a ``local-dir:`` model folder, which must exist."""
+    folder = Path(model_source(arch)[1]).expanduser()
+    if not (folder / SAFE_WEIGHTS_NAME).is_file():
+        raise ModelConfigError(
+            f"model folder {folder} has no {SAFE_WEIGHTS_NAME}; pickled weights "
+            "(pytorch_model.bin) can run code when loaded and are refused: convert them with "
+            "safetensors.torch.save_file"
+        )
+    return folder / SAFE_WEIGHTS_NAME
+
+
+def _hub_unavailable(arch: str, what: str, error: BaseException) -> PretrainedWeightsUnavailable:
+    _source, model_id = model_source(arch)
+    return PretrainedWeightsUnavailable(
+        f"could not fetch {what} of {arch!r} from the Hugging Face hub "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Offline or "
+        f"behind a firewall? Download the repo where the hub is reachable (`hf download {model_id} "
+        "--local-dir DIR`), copy DIR here and use `model.arch: local-dir:DIR`, or point HF_HOME at "
+        "a cache that holds it."
     )
 
 
@@ -130,6 +203,8 @@ def _is_hub_failure(error: BaseException) -> bool:
 
 def _create_timm(arch: str, pretrained: bool) -> nn.Module:
     check_arch(arch)
+    if model_source(arch)[0] is not None:
+        return _create_from_source(arch, pretrained)
     try:
         return timm.create_model(arch, num_classes=0, pretrained=pretrained)
     except Exception as error:
@@ -141,6 +216,34 @@ def _create_timm(arch: str, pretrained: bool) -> nn.Module:
             "elsewhere as a .safetensors file and point the config at it: "
             "`model.init: file` and `model.weights_file: /path/file.safetensors`."
         ) from error
+
+
+def _create_from_source(arch: str, pretrained: bool) -> nn.Module:
+    """A hub repo or a model folder: the architecture from its config.json, then (pretrained)
+    its safetensors weights, loaded by us so a pickle is never read and shapes are checked."""
+    try:
+        featurizer = timm.create_model(arch, num_classes=0, pretrained=False)
+    except Exception as error:
+        if not _is_hub_failure(error):
+            raise
+        raise _hub_unavailable(arch, "its config.json", error) from error
+    if pretrained:
+        load_featurizer_state(featurizer, source_weights(arch), arch)
+    return featurizer
+
+
+def source_weights(arch: str) -> dict[str, Tensor]:
+    """The ``model.safetensors`` of a hub repo or a model folder (refused when it has only a
+    pickle: pickles can run code when loaded)."""
+    source, model_id = model_source(arch)
+    if source == LOCAL_DIR_SOURCE:
+        return _read_safetensors(check_folder_weights(arch))
+    try:
+        return timm.models.load_state_dict_from_hf(model_id, filename=SAFE_WEIGHTS_NAME)
+    except Exception as error:
+        if not _is_hub_failure(error):
+            raise
+        raise _hub_unavailable(arch, SAFE_WEIGHTS_NAME, error) from error
 
 
 def _read_safetensors(path: str | Path) -> dict[str, Tensor]:

@@ -184,9 +184,12 @@ def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
     return SweepState(cells, featurizers, heads, targets, list(runner.excluded))
 
 
-def open_run(config: ExperimentConfig, continue_last: bool) -> tuple[Tracker, str]:
-    """The MLflow parent run and run folder: a new pair, or the latest one to continue."""
-    tracker = Tracker(config.name, config.tracking.mlflow_uri)
+def open_run(
+    config: ExperimentConfig, continue_last: bool, command: str = "ratatouille run"
+) -> tuple[Tracker, str]:
+    """The MLflow parent run and run folder: a new pair, or the latest one to continue.
+    ``command`` is recorded as the entry point of the runs it creates."""
+    tracker = Tracker(config.name, config.tracking.mlflow_uri, entry_point=command)
     if not continue_last:
         run_dir = new_run_dir(config)
         tracker.start_parent(run_dir, config.model_dump(mode="json"))
@@ -255,8 +258,11 @@ def run_pipeline(
     check_experiment(config)
     if resume:
         check_resumable(config)
+    command = "ratatouille run --resume" if resume else "ratatouille run"
+    if reduce_only:
+        command = "ratatouille reduce"
     print(f"ray: {connect_ray()}", file=sys.stderr)
-    tracker, run_dir = open_run(config, continue_last=resume or reduce_only)
+    tracker, run_dir = open_run(config, continue_last=resume or reduce_only, command=command)
     runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only)
     try:
         with _sigterm_as_interrupt():

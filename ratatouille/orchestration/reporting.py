@@ -11,12 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ratatouille.core.arms import arms_where
 from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
 from ratatouille.data import target_splits
+from ratatouille.data.identity import input_record
 from ratatouille.engine.models import build_classifier, join_state
 from ratatouille.orchestration.search import (
     SweepIncomplete,
@@ -49,6 +51,19 @@ class Outcome:
     parent_run_id: str
     final_strategies: dict[str, str]
     excluded: list[str] = field(default_factory=list)  # "trial name: reason", one per trial
+    experiment_id: str = ""
+    model_versions: dict[str, str] = field(default_factory=dict)  # cell -> registered version
+
+
+@dataclass
+class CellReduction:
+    """One cell's reducer result, with what its MLflow records need from the data, which only
+    the reducer's task can read: the inputs (context, data.identity record) and one ID-val
+    image for the final model's input example."""
+
+    result: ReduceResult
+    inputs: list[tuple[str, dict[str, Any]]]
+    input_example: np.ndarray
 
 
 def _target_spec(outcome: TrialOutcome) -> TargetSpec:
@@ -85,13 +100,25 @@ def _recycled_sources(runs: list[TargetRun]) -> list[str]:
     return []
 
 
+def _cell_inputs(config: ExperimentConfig, dataset: Any, cell: Cell) -> list[tuple[str, dict]]:
+    """The data a cell's numbers come from: ID val on the training domains, the held-out
+    domain in full for the OOD test."""
+    train = [index for index in range(len(dataset)) if index != cell.test_env]
+    holdout = config.data.holdout_fraction
+    return [
+        ("validation", input_record(dataset, train, cell.split_seed, holdout)),
+        ("test", input_record(dataset, [cell.test_env], None, None)),
+    ]
+
+
 def reduce_one_cell(
     config: ExperimentConfig, cell: Cell, runs: list[TargetRun], featurizers: dict, w_lp: dict
-) -> ReduceResult:
+) -> CellReduction:
     """Build one cell's reducer inputs where the data lives, and reduce it."""
     context = context_for(config)
     dataset = context.dataset(config.data.dataset)
     splits = target_splits(dataset, [cell.test_env], cell.split_seed, config.data.holdout_fraction)
+    example = splits.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
     phi_pt = featurizers[PRETRAINED]
     build = functools.partial(
         build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
@@ -119,7 +146,7 @@ def reduce_one_cell(
         pool_featurizers=pool_loaders,
         settings=settings,
     )
-    return reduce_cell(inputs)
+    return CellReduction(reduce_cell(inputs), _cell_inputs(config, dataset, cell), example)
 
 
 def reduce_metrics(results: dict[tuple[str, int], ReduceResult]) -> dict[str, float]:
@@ -142,7 +169,10 @@ def reduce_metrics(results: dict[tuple[str, int], ReduceResult]) -> dict[str, fl
 
 
 def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcome:
-    """Reduce every cell (as Ray tasks), then log metrics, tables, figures and the model."""
+    """Reduce every cell (as Ray tasks), then log metrics, tables, figures and the model.
+
+    Reducing an unchanged sweep again writes nothing: the reducer run, its metrics and the
+    registered versions stay as they are."""
     by_cell: dict[str, list[TrialOutcome]] = {cell.key: [] for cell in state.cells}
     for outcome in state.targets:
         by_cell[_target_spec(outcome).cell.key].append(outcome)
@@ -165,18 +195,21 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         )
         for cell in state.cells
     }
-    results = {(cell.test_domain, cell.split_seed): future() for cell, future in pending.items()}
-    summary = summarize(results)
-    table = format_table(summary)
+    cells = {(cell.test_domain, cell.split_seed): future() for cell, future in pending.items()}
+    results = {key: reduction.result for key, reduction in cells.items()}
+    table = format_table(summarize(results))
     figures = {}
     for (domain, seed), result in results.items():
         suffix = "" if len(results) == 1 else f"_{cell_key(domain, seed)}"
         figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
     report = table + "\n" + "".join(f"\nexcluded {line}" for line in excluded)
-    run_id = tracker.log_reduction(
-        reduce_metrics(results), long_form(results), figures, {REPORT_MD: report + "\n"}
+    inputs = [item for reduction in cells.values() for item in reduction.inputs]
+    run_id, changed = tracker.log_reduction(
+        reduce_metrics(results), long_form(results), figures, {REPORT_MD: report + "\n"}, inputs
     )
-    _log_models(config, tracker, run_id, results)
+    versions = _log_models(config, tracker, run_id, list(cells.values()))
+    if changed:
+        tracker.finish_run(run_id)
     return Outcome(
         config.name,
         table,
@@ -184,32 +217,41 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         tracker.parent_id,
         {cell_key(d, s): r.final_strategy for (d, s), r in results.items()},
         excluded,
+        experiment_id=tracker.experiment_id,
+        model_versions=versions,
     )
 
 
+def registered_model_name(config: ExperimentConfig) -> str:
+    return config.tracking.registered_model_name or f"{config.name}-ratatouille"
+
+
 def _log_models(
-    config: ExperimentConfig,
-    tracker: Any,
-    run_id: str,
-    results: dict[tuple[str, int], ReduceResult],
-) -> None:
+    config: ExperimentConfig, tracker: Any, run_id: str, cells: list[CellReduction]
+) -> dict[str, str]:
     """One final model per cell (each trained without its test domain), all registered under
-    one name; their tags say which held-out domain and split each version belongs to."""
-    name = config.tracking.registered_model_name or f"{config.name}-ratatouille"
-    for result in results.values():
+    one name; their tags say which held-out domain and split each version belongs to. Each
+    version carries its cell's alias; `champion` marks the last one logged. Returns the
+    version of each cell."""
+    versions = {}
+    for index, reduction in enumerate(cells):
+        result = reduction.result
         num_classes = result.final_model_state["head.weight"].shape[0]
         model = build_classifier(config.model.arch, num_classes, freeze_bn=config.model.freeze_bn)
         model.load_state_dict(result.final_model_state)
         cell = cell_key(result.test_domain, result.split_seed)
-        tracker.log_final_model(
+        last = index == len(cells) - 1
+        versions[cell] = tracker.log_final_model(
             run_id,
             model.eval(),
-            name,
+            registered_model_name(config),
             artifact_name=f"model-{cell}",
             tags={
                 "strategy": result.final_strategy,
                 "test_domain": result.test_domain,
                 "split_seed": str(result.split_seed),
             },
+            input_example=reduction.input_example,
+            aliases=tracker.champion_aliases(cell, latest=last),
         )
-    tracker.finish_run(run_id)
+    return versions

@@ -10,6 +10,7 @@ file fails loudly instead of silently initialising the wrong network. Pure: no R
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -59,20 +60,37 @@ class PoolEntry:
     created: str
 
 
+@functools.lru_cache(maxsize=32)
 def arch_shapes(arch: str, num_classes: int | None = 0) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of ``timm.create_model(arch, num_classes=...)`` (None: its default head)."""
+    """Name -> shape of ``timm.create_model(arch, num_classes=...)`` (None: its default head).
+
+    ``arch`` may be a timm registry name, a hub repo (``hf-hub:timm/...``, whose config.json is
+    fetched or read from the local cache) or a model folder (``local-dir:/path``)."""
     import timm  # imported here so `pool list` does not pay for timm
 
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     try:
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = timm.create_model(arch, pretrained=False, **kwargs)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise PoolError(
             f"unknown architecture {arch!r} ({err}); pass a timm model name such as 'resnet50' "
-            "(see timm.list_models())"
+            "(see timm.list_models()), a hub repo hf-hub:timm/NAME or a model folder "
+            "local-dir:/path"
+        ) from err
+    except OSError as err:  # a folder without config.json, or the hub out of reach
+        raise PoolError(
+            f"cannot read the config.json of architecture {arch!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); check the folder, or fetch the hub "
+            "repo where the hub is reachable and use local-dir:/path"
         ) from err
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def same_architecture(first: str, second: str) -> bool:
+    """Whether two architecture names build featurizers with the same tensors and shapes
+    (``resnet50`` and ``hf-hub:timm/resnet50.a1_in1k`` do)."""
+    return first == second or arch_shapes(first) == arch_shapes(second)
 
 
 def check_shapes(state_dict: Mapping[str, torch.Tensor], arch: str, what: str) -> None:
@@ -201,7 +219,7 @@ class Pool:
                 f"pool entry {name!r}: sha256 of {path} does not match the manifest (file changed "
                 f"or corrupted); run `ratatouille pool verify --pool {self.root}` and re-import it"
             )
-        if expected_arch is not None and entry.arch != expected_arch:
+        if expected_arch is not None and not same_architecture(entry.arch, expected_arch):
             raise PoolError(
                 f"pool entry {name!r} holds a {entry.arch!r} featurizer but the experiment uses "
                 f"{expected_arch!r}; pick entries of the same architecture"
@@ -357,6 +375,12 @@ def _unwrap(obj: Any) -> Mapping[str, object]:
     return obj
 
 
+#: timm's prefixes for a hub repo or a model folder given to `pool import` instead of a file.
+_MODEL_SOURCES = ("hf-hub:", "local-dir:")
+_SAFE_WEIGHTS_NAME = "model.safetensors"  # what timm.models.save_for_hf writes
+_PICKLED_WEIGHTS_NAME = "pytorch_model.bin"
+
+
 def import_weights(
     path: str | Path,
     pool: Pool,
@@ -366,37 +390,75 @@ def import_weights(
     source_task: str = "imported",
     trust_pickle: bool = False,
 ) -> PoolEntry:
-    """Add an external featurizer (e.g. a community fine-tuning) to ``pool`` as ``name``."""
-    path = Path(path)
+    """Add an external featurizer (e.g. a community fine-tuning) to ``pool`` as ``name``.
+
+    ``path`` is a weights file, a timm model folder (``local-dir:/path``: its model.safetensors)
+    or a timm hub repo (``hf-hub:timm/NAME``: its model.safetensors, downloaded or cached)."""
+    if str(path).startswith(_MODEL_SOURCES[0]):
+        raw: object = _hub_weights(str(path))
+    else:
+        raw = _read_weights_file(_weights_file(path), trust_pickle)
+    if not isinstance(raw, Mapping):
+        raise PoolError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    featurizer = strip_to_featurizer(raw, arch)
+    return pool.add(name, featurizer, source_task=source_task, arch=arch)
+
+
+def _weights_file(path: str | Path) -> Path:
+    """The file to read: ``path`` itself, or the weights file of a ``local-dir:`` folder
+    (model.safetensors; pytorch_model.bin only when that is all it has, then a pickle)."""
+    if not str(path).startswith(_MODEL_SOURCES[1]):
+        return Path(path)
+    folder = Path(str(path).removeprefix(_MODEL_SOURCES[1])).expanduser()
+    if not folder.is_dir():
+        raise PoolError(f"model folder {folder} does not exist")
+    for filename in (_SAFE_WEIGHTS_NAME, _PICKLED_WEIGHTS_NAME):
+        if (folder / filename).is_file():
+            return folder / filename
+    raise PoolError(f"model folder {folder} has no {_SAFE_WEIGHTS_NAME}")
+
+
+def _hub_weights(name: str) -> Mapping[str, torch.Tensor]:
+    """A hub repo's model.safetensors; its pickle is never fetched."""
+    import timm
+
+    repo = name.removeprefix(_MODEL_SOURCES[0])
+    try:
+        return timm.models.load_state_dict_from_hf(repo, filename=_SAFE_WEIGHTS_NAME)
+    except (OSError, ConnectionError, TimeoutError) as err:  # offline, unknown repo or file
+        raise PoolError(
+            f"could not fetch {_SAFE_WEIGHTS_NAME} of {name} from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline? "
+            f"Download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and "
+            "import local-dir:DIR; repos with pickled weights only are refused"
+        ) from err
+
+
+def _read_weights_file(path: Path, trust_pickle: bool) -> object:
     if not path.is_file():
         raise PoolError(f"weights file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
-            raw: object = st_load(path.read_bytes())
+            return st_load(path.read_bytes())
         except SafetensorError as err:
             raise PoolError(f"{path} is not a valid safetensors file: {err}") from err
-    elif suffix in _PICKLE_SUFFIXES:
-        if not trust_pickle:
-            raise PoolError(
-                f"{path} is a pickle, which can run arbitrary code when loaded; convert it to "
-                "safetensors, or pass --trust-pickle if you trust its origin (it is then read "
-                "with torch.load(weights_only=True))"
-            )
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError, RuntimeError: anything beyond plain tensors
-            raise PoolError(
-                f"{path} holds more than tensors and containers, so it was refused even with "
-                f"--trust-pickle ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                "re-save a plain state dict"
-            ) from err
-    else:
+    if suffix not in _PICKLE_SUFFIXES:
         raise PoolError(
             f"{path}: unknown weights format {suffix!r}; use .safetensors (or a pickle "
             f"{', '.join(_PICKLE_SUFFIXES)} with --trust-pickle)"
         )
-    if not isinstance(raw, Mapping):
-        raise PoolError(f"{path} holds a {type(raw).__name__}, not a state dict")
-    featurizer = strip_to_featurizer(raw, arch)
-    return pool.add(name, featurizer, source_task=source_task, arch=arch)
+    if not trust_pickle:
+        raise PoolError(
+            f"{path} is a pickle, which can run arbitrary code when loaded; convert it to "
+            "safetensors, or pass --trust-pickle if you trust its origin (it is then read "
+            "with torch.load(weights_only=True))"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError: anything beyond plain tensors
+        raise PoolError(
+            f"{path} holds more than tensors and containers, so it was refused even with "
+            f"--trust-pickle ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "re-save a plain state dict"
+        ) from err

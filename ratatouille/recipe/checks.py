@@ -14,7 +14,13 @@ from typing import cast
 from ratatouille.core.config import ConfigError, ExperimentConfig
 from ratatouille.data import DATASET_NAMES, DOMAINBED_DATASETS, get_dataset, resolve_test_env
 from ratatouille.data.base import MultiDomainDataset
-from ratatouille.engine.models import check_arch, check_weights_file
+from ratatouille.engine.models import (
+    LOCAL_DIR_SOURCE,
+    check_arch,
+    check_folder_weights,
+    check_weights_file,
+    model_source,
+)
 from ratatouille.recipe.specs import Cell
 from ratatouille.recipe.sweep import aux_specs, target_specs
 
@@ -69,7 +75,9 @@ def _check_local_data(config: ExperimentConfig) -> None:
 
 
 def _check_model(config: ExperimentConfig) -> None:
-    check_arch(config.model.arch)
+    check_arch(config.model.arch)  # a hub repo's config.json is fetched here, before any run
+    if config.model.init == "hub" and model_source(config.model.arch)[0] == LOCAL_DIR_SOURCE:
+        check_folder_weights(config.model.arch)
     if config.model.init == "file":
         assert config.model.weights_file is not None  # the config's own validator ensures it
         check_weights_file(config.model.weights_file)

@@ -8,6 +8,7 @@ a stage in-process.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from torch import Tensor
 from ratatouille.core.config import DataConfig, ExperimentConfig
 from ratatouille.core.names import FUSING, PRETRAINED, MetricKey, WeightsFile
 from ratatouille.data import MultiDomainDataset, auxiliary_splits, get_dataset, target_splits
+from ratatouille.data.identity import input_record
 from ratatouille.engine.models import (
     Classifier,
     build_classifier,
@@ -131,14 +133,25 @@ def _train_with_reports(
     )
 
 
-def _final_metrics(result: FineTuneResult) -> dict[str, Any]:
+def _final_metrics(result: FineTuneResult, data_input: dict[str, str]) -> dict[str, Any]:
     """The closing report: no step, so the per-checkpoint curves get no duplicate point."""
     return {
         MetricKey.FINAL_ID_VAL_ACC: result.history[-1][MetricKey.ID_VAL_ACC],
         MetricKey.BEST_ID_VAL_ACC: result.best_id_val_acc,
         MetricKey.BEST_STEP: result.best_step,
         MetricKey.DONE: True,
+        **data_input,
     }
+
+
+def _data_input(
+    dataset: MultiDomainDataset, ctx: TrialContext, split_seed: int, test_env: int | None = None
+) -> dict[str, str]:
+    """What the trial trained on (every domain but ``test_env``), for its MLflow run's inputs:
+    computed here, where the data is, since the driver may not see the data folder."""
+    envs = [index for index in range(len(dataset)) if index != test_env]
+    record = input_record(dataset, envs, split_seed, ctx.data.holdout_fraction)
+    return {MetricKey.DATA_INPUT: json.dumps(record)}
 
 
 def run_pretrain(spec: PretrainSpec, ctx: TrialContext, reporter: Reporter) -> None:
@@ -152,7 +165,7 @@ def run_pretrain(spec: PretrainSpec, ctx: TrialContext, reporter: Reporter) -> N
         model, splits, reporter, _finetune_config(spec, ctx), keep_best=False
     )
     reporter.report(
-        _final_metrics(result),
+        _final_metrics(result, _data_input(dataset, ctx, split_seed=0)),
         weights={WeightsFile.FEATURIZER: featurizer_state(result.final_state)},
     )
 
@@ -181,7 +194,7 @@ def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
     )
     result = _train_with_reports(model, splits, reporter, cfg, keep_best=False)
     weights = {WeightsFile.FEATURIZER: featurizer_state(result.final_state)}
-    metrics = _final_metrics(result)
+    metrics = _final_metrics(result, _data_input(dataset, ctx, split_seed=0))
     if spec.robust and result.average_state is not None:
         weights[WeightsFile.FEATURIZER_MA] = featurizer_state(result.average_state)
         model.load_state_dict(result.average_state)
@@ -212,7 +225,11 @@ def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
         device=ctx.device(),
     )
     reporter.report(
-        {MetricKey.FINAL_ID_VAL_ACC: probe.id_val_acc, MetricKey.DONE: True},
+        {
+            MetricKey.FINAL_ID_VAL_ACC: probe.id_val_acc,
+            MetricKey.DONE: True,
+            **_data_input(dataset, ctx, cell.split_seed, test_env=cell.test_env),
+        },
         weights={WeightsFile.HEAD: dict(probe.head_state)},
     )
 
@@ -242,7 +259,8 @@ def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
     model.head.load_state_dict(ctx.heads[cell.key])
     cfg = _finetune_config(spec, ctx, lp_steps=spec.lp_steps)
     result = _train_with_reports(model, splits, reporter, cfg, keep_best=True)
-    reporter.report(_final_metrics(result))
+    data_input = _data_input(dataset, ctx, cell.split_seed, test_env=cell.test_env)
+    reporter.report(_final_metrics(result, data_input))
 
 
 def run_trial(spec: TrialSpec, ctx: TrialContext, reporter: Reporter) -> None:

@@ -6,18 +6,40 @@ safe locally and workers on a cluster need no route to the tracking server.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pandas as pd
+import torch
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    Run,
+    RunTag,
+)
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_BRANCH,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_GIT_REPO_URL,
+    MLFLOW_LOGGED_ARTIFACTS,
+    MLFLOW_PROJECT_ENTRY_POINT,
+)
 
 from ratatouille.core.errors import UserError
 from ratatouille.core.names import CURVE_METRICS, FINAL_METRICS, PLACEMENT_METRICS, MetricKey
@@ -27,6 +49,25 @@ TRIAL_KEY = "ratatouille.trial_key"
 RUN_DIR = "ratatouille.run_dir"
 ERROR = "ratatouille.error"
 EXCLUDED = "ratatouille.excluded"
+VERSION = "ratatouille.version"
+CONFIG_SHA256 = "ratatouille.config_sha256"
+GIT_DIRTY = "ratatouille.git_dirty"
+#: The reducer run's record of what it holds: a digest of its results, and how many distinct
+#: results it has held (the step of its metrics' latest points).
+REDUCTION_SHA256 = "ratatouille.reduction_sha256"
+REDUCTIONS = "ratatouille.reductions"
+#: Model version tag: a digest of the final model's weights, so equal weights are never
+#: registered twice.
+WEIGHTS_SHA256 = "weights_sha256"
+#: Alias of the latest final model of an experiment; each cell's also gets `champion-<cell>`.
+CHAMPION = "champion"
+#: MLflow 3's experiment kind; "custom_model_development" is its "Machine learning" kind.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+#: The query that opens an experiment on its training runs in MLflow 3's UI (the browser's
+#: GenAI/Model training switch, which defaults to GenAI, wins over the experiment's kind there).
+RUNS_PAGE_QUERY = "workflowType=machine_learning"
+COMPARISON_TABLE = "comparison.json"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -37,6 +78,18 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     if "://" not in uri:  # a bare path: a database file
         return f"sqlite:///{Path(uri).expanduser().resolve()}"
     return uri
+
+
+def artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """Artifacts of a SQLite store's experiment: beside the database, one folder per
+    experiment. MLflow's default is `./mlruns` of whatever directory the driver runs in: two
+    stores would share (and overwrite) one `mlruns/<experiment id>`, and under Ray Jobs that
+    directory is an ephemeral runtime-env folder. A server store keeps its own default."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    # sqlite:////abs/path.db is absolute, sqlite:///rel.db relative to the working directory
+    database = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    return (database.parent / "mlruns" / experiment_name).as_uri()
 
 
 class TrackingError(UserError):
@@ -51,37 +104,151 @@ def trial_params(plain_spec: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """The recipe's identity: the config without its `tracking` section (where the results are
+    stored changes nothing they are computed from), as canonical JSON."""
+    recipe = {key: value for key, value in config.items() if key != "tracking"}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ratatouille")
+    except PackageNotFoundError:  # run from a checkout that was never pip-installed
+        return "unknown"
+
+
+def _package_git_tags() -> dict[str, str]:
+    """Git facts of the checkout this package's code runs from. MLflow's fluent API asks the
+    main script (argv[0]), which may be a venv's console script or pytest, not this code."""
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+    here = str(Path(__file__).resolve().parents[1])
+    commit = get_git_commit(here)
+    if commit is None:  # not a checkout, or no GitPython
+        return {}
+    import git
+
+    facts = {
+        MLFLOW_GIT_COMMIT: commit,
+        MLFLOW_GIT_BRANCH: get_git_branch(here),
+        MLFLOW_GIT_REPO_URL: get_git_repo_url(here),
+        GIT_DIRTY: str(git.Repo(here, search_parent_directories=True).is_dirty()).lower(),
+    }
+    return {key: value for key, value in facts.items() if value}
+
+
+def provenance_tags(config: Mapping[str, Any], entry_point: str | None) -> dict[str, str]:
+    """The context tags MLflow's fluent `start_run` sets (user, source name and type, git of the
+    main script), git of this package's checkout, the command, the version and the config's
+    hash. `MlflowClient.create_run` sets none of them itself."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {**resolve_tags(), **_package_git_tags()}
+    if entry_point:
+        tags[MLFLOW_PROJECT_ENTRY_POINT] = entry_point
+    tags[VERSION] = _package_version()
+    tags[CONFIG_SHA256] = config_sha256(config)
+    return tags
+
+
+def dataset_input(record: Mapping[str, Any], context: str) -> DatasetInput:
+    """An MLflow dataset input from a `data.identity` record: what `mlflow.log_input` logs,
+    built by hand because our records are not MLflow dataset objects."""
+    source = (
+        {"uri": record["source"]}
+        if record["source_type"] == "local"
+        else {"tags": {"generator": record["source"]}}
+    )
+    profile = {key: record[key] for key in ("items", "domains", "split_seed", "holdout_fraction")}
+    dataset = Dataset(
+        name=f"{record['name']} ({', '.join(record['domains'])})",
+        digest=record["sha256"][:16],  # MLflow keeps at most 36 characters; 64 bits suffice
+        source_type=record["source_type"],
+        source=json.dumps(source),
+        profile=json.dumps({**profile, "sha256": record["sha256"]}),
+    )
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    if record.get("split_seed") is not None:
+        tags.append(InputTag("split_seed", str(record["split_seed"])))
+    return DatasetInput(dataset, tags)
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a state dict's names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reduction_sha256(
+    metrics: Mapping[str, float], table: pd.DataFrame, inputs: Sequence[tuple[str, Mapping]]
+) -> str:
+    """A digest of a reducer's results and the data they were computed on."""
+    payload = {
+        "metrics": {key: round(float(value), 9) for key, value in sorted(metrics.items())},
+        "table": json.loads(table.round(9).to_json(orient="split", index=False)),
+        "inputs": [[context, record["sha256"]] for context, record in inputs],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 class Tracker:
     """Writes one `ratatouille run` into an MLflow experiment named after the config."""
 
-    def __init__(self, experiment_name: str, tracking_uri: str | None = None):
+    def __init__(
+        self, experiment_name: str, tracking_uri: str | None = None, entry_point: str | None = None
+    ):
         self.uri = resolve_tracking_uri(tracking_uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment_name)
         self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment_name)
+            found.experiment_id
+            if found
+            else self.client.create_experiment(
+                experiment_name, artifact_location=artifact_location(self.uri, experiment_name)
+            )
         )
         self.experiment_name = experiment_name
+        self.entry_point = entry_point
         self.parent_id: str | None = None
+        self.provenance: dict[str, str] = {}
         self._trial_runs: dict[str, str] = {}
         # The last step logged per trial run: a trial restarted from a checkpoint (or by a
         # --resume) may report a step again; its curves keep each step once.
         self._last_step: dict[str, int] = {}
 
+    def _create_run(self, name: str, tags: Mapping[str, str]) -> str:
+        """A run with the provenance tags, as if started by MLflow's fluent API."""
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={**self.provenance, **tags}
+        )
+        return run.info.run_id
+
+    def _mark_training_experiment(self) -> None:
+        """Say the experiment holds training runs (MLflow 3 assumes GenAI traces otherwise);
+        a kind the user chose in the UI is kept."""
+        if EXPERIMENT_KIND not in self.client.get_experiment(self.experiment_id).tags:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+
     # -- parent -------------------------------------------------------------------------
     def start_parent(
         self, run_dir: str, config: Mapping[str, Any], resume_run_id: str | None = None
     ) -> str:
+        self.provenance = provenance_tags(config, self.entry_point)
+        self._mark_training_experiment()
         if resume_run_id:
             self.parent_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             self._trial_runs = self._existing_trial_runs()
             return resume_run_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=Path(run_dir).name, tags={ROLE: "parent", RUN_DIR: run_dir}
-        )
-        self.parent_id = run.info.run_id
+        self.parent_id = self._create_run(Path(run_dir).name, {ROLE: "parent", RUN_DIR: run_dir})
         self.client.log_text(
             self.parent_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml"
         )
@@ -126,17 +293,16 @@ class Tracker:
                 history = self.client.get_metric_history(run_id, str(MetricKey.ID_VAL_ACC))
                 self._last_step[trial_key] = max((m.step for m in history), default=-1)
             return run_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=name,
-            tags={
+        assert self.parent_id is not None, "start the parent run before the trials"
+        run_id = self._create_run(
+            name,
+            {
                 "mlflow.parentRunId": self.parent_id,
                 ROLE: "trial",
                 TRIAL_KEY: trial_key,
                 "stage": str(stage),
             },
         )
-        run_id = run.info.run_id
         params = [Param(key, str(value)) for key, value in trial_params(plain_spec).items()]
         self.client.log_batch(run_id, params=params)
         self._trial_runs[trial_key] = run_id
@@ -190,24 +356,25 @@ class Tracker:
             for key in PLACEMENT_METRICS:
                 if key in metrics:
                     self.client.set_tag(run_id, f"ray.{key}", str(metrics[key]))
+            if isinstance(metrics.get(MetricKey.DATA_INPUT), str):
+                record = json.loads(metrics[MetricKey.DATA_INPUT])
+                self._log_inputs(run_id, [("training", record)])
             self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
     # -- reducer ------------------------------------------------------------------------
-    def reducer_run(self) -> str:
+    def reducer_run(self) -> Run:
         """The one reducer child run of this parent, created on first use, reused after."""
         runs = self.client.search_runs(
             [self.experiment_id],
             f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{ROLE}` = 'reducer'",
         )
         if runs:
-            self.client.update_run(runs[0].info.run_id, status="RUNNING")
-            return runs[0].info.run_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name="reducer",
-            tags={"mlflow.parentRunId": self.parent_id, ROLE: "reducer"},
+            return runs[0]
+        assert self.parent_id is not None, "start the parent run before the reducer"
+        run_id = self._create_run(
+            "reducer", {"mlflow.parentRunId": self.parent_id, ROLE: "reducer"}
         )
-        return run.info.run_id
+        return self.client.get_run(run_id)
 
     def log_reduction(
         self,
@@ -215,45 +382,134 @@ class Tracker:
         table: pd.DataFrame,
         figures: Mapping[str, Any],
         texts: Mapping[str, str],
-    ) -> str:
-        run_id = self.reducer_run()
-        for key, value in metrics.items():
-            self.client.log_metric(run_id, key, float(value))
-        self.client.log_table(run_id, data=table, artifact_file="comparison.json")
+        inputs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    ) -> tuple[str, bool]:
+        """Log a reduction to the reducer run unless it holds these very results already;
+        returns the run and whether anything was written. Changed results replace the table
+        and figures and add one point to each metric (its step counts the reductions)."""
+        run = self.reducer_run()
+        run_id, tags = run.info.run_id, run.data.tags
+        digest = reduction_sha256(metrics, table, inputs)
+        if tags.get(REDUCTION_SHA256) == digest:
+            return run_id, False
+        self.client.update_run(run_id, status="RUNNING")
+        step, now = int(tags.get(REDUCTIONS, 0)), int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
+            tags=[RunTag(key, value) for key, value in self.provenance.items()],
+        )
+        self._replace_table(run, table, COMPARISON_TABLE)
         self.client.log_text(run_id, table.to_csv(index=False), "comparison.csv")
         for name, text in texts.items():
             self.client.log_text(run_id, text, name)
         for name, figure in figures.items():
             self.client.log_figure(run_id, figure, f"figures/{name}.png")
-        return run_id
+        self._log_inputs(run_id, inputs)
+        # written last: a reduction interrupted before this point is logged again in full
+        tags_now = {REDUCTION_SHA256: digest, REDUCTIONS: str(step + 1)}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags_now.items()])
+        return run_id, True
+
+    def _log_inputs(self, run_id: str, inputs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """Inputs of a child run, and of the parent (MLflow keeps each dataset once per run),
+        which is the one row the runs page shows until it is expanded."""
+        if not inputs:
+            return
+        records = [dataset_input(record, context) for context, record in inputs]
+        for target in dict.fromkeys([run_id, self.parent_id]):
+            if target is not None:
+                self.client.log_inputs(target, records)
+
+    def _replace_table(self, run: Run, table: pd.DataFrame, name: str) -> None:
+        """`MlflowClient.log_table` appends to an existing table; this writes the same format
+        (pandas' split JSON, listed as a table in the run's logged-artifacts tag) in place."""
+        run_id = run.info.run_id
+        text = table.to_json(orient="split", index=False, double_precision=15)
+        self.client.log_text(run_id, text, name)
+        listed = json.loads(run.data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": name, "type": "table"}
+        if entry not in listed:
+            self.client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*listed, entry]))
+
+    @staticmethod
+    def champion_aliases(cell: str, latest: bool) -> list[str]:
+        """A cell's final model is `champion-<cell>`; the latest one logged is also `champion`
+        (MLflow aliases allow letters, digits, `_` and `-`)."""
+        own = f"{CHAMPION}-{re.sub(r'[^A-Za-z0-9_-]', '_', cell)}"
+        return [own, CHAMPION] if latest else [own]
 
     def log_final_model(
         self,
         run_id: str,
-        model: Any,
+        model: torch.nn.Module,
         registered_name: str,
         artifact_name: str,
         tags: Mapping[str, str],
-    ) -> None:
-        """The final model as an MLflow model of the reducer run, registered under a name.
+        input_example: np.ndarray,
+        aliases: Sequence[str] = (),
+    ) -> str:
+        """The final model as a registered version (a new one only for weights not registered
+        yet under this name), with ``aliases`` moved onto it; returns the version."""
+        digest = weights_sha256(model.state_dict())
+        found = self.client.search_model_versions(
+            f"name = '{registered_name}' and tags.{WEIGHTS_SHA256} = '{digest}'"
+        )
+        if found:
+            version = str(found[0].version)
+        else:
+            version = self._register_model(
+                run_id,
+                model,
+                registered_name,
+                artifact_name,
+                {**tags, WEIGHTS_SHA256: digest},
+                input_example,
+            )
+        for alias in aliases:
+            self.client.set_registered_model_alias(registered_name, alias, version)
+        return version
+
+    def _register_model(
+        self,
+        run_id: str,
+        model: torch.nn.Module,
+        registered_name: str,
+        artifact_name: str,
+        tags: Mapping[str, str],
+        input_example: np.ndarray,
+    ) -> str:
+        """Log the model to the parent run, as MLflow's sweeps do (the runs page shows a model
+        on the row of the run that logged it, and the parent's is the one row shown until it is
+        expanded), register it, and list it among the reducer run's outputs.
 
         The package source travels with it (code_paths) so the model loads where ratatouille is
         not installed; explicit requirements spare MLflow's slow inference by re-importing.
         """
-        with mlflow.start_run(run_id=run_id):
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.tensor(input_example)).numpy()
+        with mlflow.start_run(run_id=self.parent_id):
             # pickle, not pt2: torch.export cannot trace every timm architecture.
             info = mlflow.pytorch.log_model(
                 model,
                 name=artifact_name,
                 tags=dict(tags),
+                signature=infer_signature(input_example, output),
+                input_example=input_example,
                 serialization_format="pickle",
                 code_paths=[str(Path(__file__).parents[1])],
                 pip_requirements=_model_requirements(),
             )
-        version = mlflow.register_model(info.model_uri, registered_name, tags=dict(tags))
-        self.client.set_tag(
-            run_id, f"registered_model/{artifact_name}", f"{registered_name}/{version.version}"
+        version = str(
+            mlflow.register_model(info.model_uri, registered_name, tags=dict(tags)).version
         )
+        self.client.log_outputs(run_id, [LoggedModelOutput(info.model_id, step=0)])
+        self.client.set_tag(
+            run_id, f"registered_model/{artifact_name}", f"{registered_name}/{version}"
+        )
+        return version
 
 
 def _model_requirements() -> list[str]:
