@@ -62,6 +62,9 @@ class WeightsFile(StrEnum):
         return f"{self.value}.safetensors"
 
 
+#: The weights file of a timm model folder or hub repo (what timm.models.save_for_hf writes).
+HF_WEIGHTS_FILE = "model.safetensors"
+
 #: The resumable training state (model, optimizer, RNG) in a trial's checkpoint.
 TRAIN_STATE_FILE = "train_state.pt"
 

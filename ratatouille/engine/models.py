@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ratatouille.core.errors import UserError
+from ratatouille.core.names import HF_WEIGHTS_FILE
 
 FEATURIZER_PREFIX = "featurizer."
 HEAD_PREFIX = "head."
@@ -41,7 +42,6 @@ class ModelConfigError(UserError, ValueError):
 #: timm's prefixes for models that carry their own config.json and weights (timm >= 1.0).
 HUB_SOURCE, LOCAL_DIR_SOURCE = "hf-hub", "local-dir"
 #: The one weights file read from a hub repo or a model folder: pickles are never loaded.
-SAFE_WEIGHTS_NAME = "model.safetensors"
 
 
 def model_source(arch: str) -> tuple[str | None, str]:
@@ -83,7 +83,7 @@ def _source_config(arch: str) -> dict[str, Any]:
         if not path.is_file():
             raise ModelConfigError(
                 f"model folder {arch!r} has no {path.name}: a timm model folder holds config.json "
-                f"and {SAFE_WEIGHTS_NAME} (timm.models.save_for_hf writes both)"
+                f"and {HF_WEIGHTS_FILE} (timm.models.save_for_hf writes both)"
             )
         try:
             return dict(json.loads(path.read_text()))
@@ -101,13 +101,13 @@ def _source_config(arch: str) -> dict[str, Any]:
 def check_folder_weights(arch: str) -> Path:
     """The ``model.safetensors`` of a ``local-dir:`` model folder, which must exist."""
     folder = Path(model_source(arch)[1]).expanduser()
-    if not (folder / SAFE_WEIGHTS_NAME).is_file():
+    if not (folder / HF_WEIGHTS_FILE).is_file():
         raise ModelConfigError(
-            f"model folder {folder} has no {SAFE_WEIGHTS_NAME}; pickled weights "
+            f"model folder {folder} has no {HF_WEIGHTS_FILE}; pickled weights "
             "(pytorch_model.bin) can run code when loaded and are refused: convert them with "
             "safetensors.torch.save_file"
         )
-    return folder / SAFE_WEIGHTS_NAME
+    return folder / HF_WEIGHTS_FILE
 
 
 def _hub_unavailable(arch: str, what: str, error: BaseException) -> PretrainedWeightsUnavailable:
@@ -239,11 +239,11 @@ def source_weights(arch: str) -> dict[str, Tensor]:
     if source == LOCAL_DIR_SOURCE:
         return _read_safetensors(check_folder_weights(arch))
     try:
-        return timm.models.load_state_dict_from_hf(model_id, filename=SAFE_WEIGHTS_NAME)
+        return timm.models.load_state_dict_from_hf(model_id, filename=HF_WEIGHTS_FILE)
     except Exception as error:
         if not _is_hub_failure(error):
             raise
-        raise _hub_unavailable(arch, SAFE_WEIGHTS_NAME, error) from error
+        raise _hub_unavailable(arch, HF_WEIGHTS_FILE, error) from error
 
 
 def _read_safetensors(path: str | Path) -> dict[str, Tensor]:

@@ -324,7 +324,9 @@ class StageRunner:
         """Finished trials. A target trial that diverged after every retry is excluded (and
         recorded in ``excluded``); any other failure, or a stop, ends the stage."""
         results = list(grid)
-        finished = [r for r in results if r.error is None and (r.metrics or {}).get("done")]
+        finished = [
+            r for r in results if r.error is None and (r.metrics or {}).get(MetricKey.DONE.value)
+        ]
         errors = [r for r in results if r.error is not None]
         unfinished = len(results) - len(finished) - len(errors)  # a stop cut them short
         for result in errors:  # Tune's error callback comes before the error is readable

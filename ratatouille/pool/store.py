@@ -30,6 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ratatouille.core.errors import UserError
+from ratatouille.core.names import HF_WEIGHTS_FILE
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -377,7 +378,6 @@ def _unwrap(obj: Any) -> Mapping[str, object]:
 
 #: timm's prefixes for a hub repo or a model folder given to `pool import` instead of a file.
 _MODEL_SOURCES = ("hf-hub:", "local-dir:")
-_SAFE_WEIGHTS_NAME = "model.safetensors"  # what timm.models.save_for_hf writes
 _PICKLED_WEIGHTS_NAME = "pytorch_model.bin"
 
 
@@ -412,10 +412,10 @@ def _weights_file(path: str | Path) -> Path:
     folder = Path(str(path).removeprefix(_MODEL_SOURCES[1])).expanduser()
     if not folder.is_dir():
         raise PoolError(f"model folder {folder} does not exist")
-    for filename in (_SAFE_WEIGHTS_NAME, _PICKLED_WEIGHTS_NAME):
+    for filename in (HF_WEIGHTS_FILE, _PICKLED_WEIGHTS_NAME):
         if (folder / filename).is_file():
             return folder / filename
-    raise PoolError(f"model folder {folder} has no {_SAFE_WEIGHTS_NAME}")
+    raise PoolError(f"model folder {folder} has no {HF_WEIGHTS_FILE}")
 
 
 def _hub_weights(name: str) -> Mapping[str, torch.Tensor]:
@@ -424,10 +424,10 @@ def _hub_weights(name: str) -> Mapping[str, torch.Tensor]:
 
     repo = name.removeprefix(_MODEL_SOURCES[0])
     try:
-        return timm.models.load_state_dict_from_hf(repo, filename=_SAFE_WEIGHTS_NAME)
+        return timm.models.load_state_dict_from_hf(repo, filename=HF_WEIGHTS_FILE)
     except (OSError, ConnectionError, TimeoutError) as err:  # offline, unknown repo or file
         raise PoolError(
-            f"could not fetch {_SAFE_WEIGHTS_NAME} of {name} from the Hugging Face hub "
+            f"could not fetch {HF_WEIGHTS_FILE} of {name} from the Hugging Face hub "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline? "
             f"Download it where the hub is reachable (`hf download {repo} --local-dir DIR`) and "
             "import local-dir:DIR; repos with pickled weights only are refused"
