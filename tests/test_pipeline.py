@@ -59,10 +59,10 @@ PRINTED: dict[str, str] = {}  # what the module's sweep printed on stdout (Tune'
 def sweep(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     config = tiny_config(root, aux=ROBUST, target={"arms": ARMS})
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, progress = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(progress):
         outcome = run_pipeline(config)
-    PRINTED["stdout"] = printed.getvalue()
+    PRINTED["stdout"], PRINTED["stderr"] = printed.getvalue(), progress.getvalue()
     client = MlflowClient(config.tracking.mlflow_uri)
     return config, outcome, client
 
@@ -76,6 +76,18 @@ def test_tune_progress_table_shows_readable_trial_fields(sweep):
     rows = [line for line in tables.splitlines() if "target_ratatouille_rot30_0" in line]
     assert "PENDING" in rows[0] and "TERMINATED" in rows[-1] and "rot30" in rows[-1]
     assert "{'" not in tables  # no spec printed as one dict blob
+
+
+def test_the_run_says_where_its_mlflow_run_is_and_how_the_reducer_progresses(sweep):
+    config, outcome, _ = sweep
+    lines = PRINTED["stderr"].splitlines()
+    (where,) = [line for line in lines if line.startswith("mlflow: ")]
+    assert config.tracking.mlflow_uri in where and outcome.parent_run_id in where
+    assert (
+        "reducer: cell 1/1 (rot30-split0) reduced: 13 strategies, final model "
+        in (PRINTED["stderr"])
+    )
+    assert lines.index(where) < next(i for i, line in enumerate(lines) if "reducer:" in line)
 
 
 def test_tune_result_files_hold_each_spec_field_as_a_column(sweep):

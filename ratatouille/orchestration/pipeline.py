@@ -29,6 +29,7 @@ from ratatouille.orchestration.search import (
     StageRunner,
     SweepIncomplete,
     TrialOutcome,
+    check_storage_shared,
     connect_ray,
     new_run_dir,
     read_weights,
@@ -262,7 +263,14 @@ def run_pipeline(
     if reduce_only:
         command = "ratatouille reduce"
     print(f"ray: {connect_ray()}", file=sys.stderr)
+    check_storage_shared(
+        {
+            "tracking.storage_path": storage_root(config),
+            "tracking.pool_path": str(pool_path(config)),
+        }
+    )
     tracker, run_dir = open_run(config, continue_last=resume or reduce_only, command=command)
+    print(f"mlflow: {tracker.parent_location()}", file=sys.stderr, flush=True)
     runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only)
     try:
         with _sigterm_as_interrupt():

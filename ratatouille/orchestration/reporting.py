@@ -7,6 +7,7 @@ evaluating dozens of networks on a CPU head node would take longer than training
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,7 +196,16 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         )
         for cell in state.cells
     }
-    cells = {(cell.test_domain, cell.split_seed): future() for cell, future in pending.items()}
+    cells = {}
+    for index, (cell, future) in enumerate(pending.items(), start=1):
+        reduction = cells[(cell.test_domain, cell.split_seed)] = future()
+        print(
+            f"reducer: cell {index}/{len(pending)} ({cell.key}) reduced: "
+            f"{len(reduction.result.table)} strategies, final model "
+            f"{reduction.result.final_strategy}",
+            file=sys.stderr,
+            flush=True,
+        )
     results = {key: reduction.result for key, reduction in cells.items()}
     table = format_table(summarize(results))
     figures = {}

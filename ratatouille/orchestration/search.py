@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load_file, save_file
 
 from ratatouille.core.config import ExperimentConfig
@@ -28,6 +30,7 @@ from ratatouille.core.names import (
     Stage,
     WeightsFile,
 )
+from ratatouille.core.paths import stable_path
 from ratatouille.engine.train import TrainingDiverged
 from ratatouille.recipe.specs import TrialSpec, spec_from_plain
 from ratatouille.recipe.stages import StateDict, TrialContext, run_trial
@@ -115,12 +118,69 @@ def connect_ray() -> str:
     return f"attached to the cluster at {address}"
 
 
+class StorageNotShared(UserError):
+    """A local store that some node of the cluster cannot see."""
+
+
+def _seen(paths: list[str]) -> list[bool]:
+    return [os.path.exists(path) for path in paths]
+
+
+def blind_fields(probes: Mapping[str, str], seen: Mapping[str, list[bool]]) -> dict[str, list[str]]:
+    """Config field -> the nodes that could not see its probe file (``seen``: node -> one flag
+    per probe, in ``probes``' order)."""
+    blind: dict[str, list[str]] = {}
+    for node, flags in seen.items():
+        for field_name, flag in zip(probes, flags):
+            if not flag:
+                blind.setdefault(field_name, []).append(node)
+    return blind
+
+
+def check_storage_shared(stores: Mapping[str, str]) -> None:
+    """On a cluster of several nodes, every local store (config field -> path) must be visible
+    from every node, or each trial fails at its first checkpoint and is retried for nothing.
+    A probe file written here is looked for by a task pinned to each live node. URIs
+    (s3://, gs://) are shared by construction."""
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    local = {name: path for name, path in stores.items() if "://" not in path}
+    if len(nodes) < 2 or not local:
+        return
+    token = uuid.uuid4().hex
+    probes = {
+        name: os.path.join(path, f".ratatouille-probe-{token}") for name, path in local.items()
+    }
+    for probe in probes.values():
+        Path(probe).parent.mkdir(parents=True, exist_ok=True)
+        Path(probe).touch()
+    try:
+        check = ray.remote(_seen)
+        pending = {
+            node: check.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(list(probes.values()))
+            for node in nodes
+        }
+        seen = {f"{nodes[node]} ({node[:8]})": ray.get(ref) for node, ref in pending.items()}
+    finally:
+        for probe in probes.values():
+            Path(probe).unlink(missing_ok=True)
+    blind = blind_fields(probes, seen)
+    if blind:
+        name, where = next(iter(blind.items()))
+        raise StorageNotShared(
+            f"{name} {local[name]} is not visible from node(s) {', '.join(where)} of this "
+            f"cluster: set {name} to an s3:// or gs:// URI, or to a path on shared storage "
+            "(NFS, EFS) mounted at the same place on every node"
+        )
+
+
 def storage_root(config: ExperimentConfig) -> str:
     """Absolute local path or a URI: Tune's storage for every stage's trials and checkpoints."""
     configured = config.tracking.storage_path
     if configured and "://" in configured:
         return configured.rstrip("/")
-    return str(Path(configured or "ray_results").expanduser().resolve())
+    return str(stable_path(configured, "ray_results"))
 
 
 # -- inside a trial ---------------------------------------------------------------------------

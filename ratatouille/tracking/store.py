@@ -43,6 +43,7 @@ from mlflow.utils.mlflow_tags import (
 
 from ratatouille.core.errors import UserError
 from ratatouille.core.names import CURVE_METRICS, FINAL_METRICS, PLACEMENT_METRICS, MetricKey
+from ratatouille.core.paths import stable_path
 
 ROLE = "ratatouille.role"
 TRIAL_KEY = "ratatouille.trial_key"
@@ -71,12 +72,12 @@ COMPARISON_TABLE = "comparison.json"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
-    """Config, then MLFLOW_TRACKING_URI, then MLflow's own default made absolute."""
+    """Config, then MLFLOW_TRACKING_URI, then MLflow's own default (`mlflow.db`), made
+    absolute: a bare path is a SQLite file resolved by core.paths (never inside a folder Ray
+    owns, such as a Ray Jobs working directory)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-    if "://" not in uri:  # a bare path: a database file
-        return f"sqlite:///{Path(uri).expanduser().resolve()}"
+    if not uri or "://" not in uri:  # none, or a bare path: a database file
+        return f"sqlite:///{stable_path(uri, 'mlflow.db')}"
     return uri
 
 
@@ -255,6 +256,14 @@ class Tracker:
         for key, value in _parent_params(config).items():
             self.client.log_param(self.parent_id, key, value)
         return self.parent_id
+
+    def parent_location(self) -> str:
+        """Where a person finds the parent run: its page on a tracking server, or the store
+        and run id of a local one (`mlflow ui` serves it)."""
+        page = f"#/experiments/{self.experiment_id}/runs/{self.parent_id}"
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/{page}"
+        return f"{self.uri}, experiment {self.experiment_name!r}, parent run {self.parent_id}"
 
     def finish_run(self, run_id: str) -> None:
         self.client.set_terminated(run_id)
