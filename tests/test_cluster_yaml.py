@@ -224,3 +224,31 @@ def test_token_authentication_is_on_and_every_node_has_the_token(cluster):
     text = (REPO / "cluster.yaml").read_text()
     assert "RAY_AUTH_TOKEN" not in text
     assert f"{AUTH_MODE_ENV_VAR}=disabled" not in text
+
+
+def test_a_nodes_shell_runs_ray_in_token_mode_with_the_mounted_token(cluster, tmp_path):
+    """What a node sees after file_mounts and setup: Ray itself (its C++ token loader) finds the
+    token at the mounted path and is in token mode; without the mode it would not be."""
+    (tmp_path / ".bashrc").write_text("")
+    token = tmp_path / TOKEN_MOUNT.removeprefix("~/")
+    token.parent.mkdir()
+    token.write_text("0123456789abcdef")  # what file_mounts copies
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    subprocess.run(["bash", "-c", cluster["setup_commands"][0]], env=env, check=True)
+    (chmod,) = [c for c in cluster["setup_commands"] if c.startswith("chmod")]
+    subprocess.run(["bash", "-c", chmod], env=env, check=True)
+    assert token.stat().st_mode & 0o777 == 0o600
+    probe = (
+        "from ray._raylet import AuthenticationMode as M, AuthenticationTokenLoader as L, "
+        "get_authentication_mode as mode; "
+        "print(mode() == M.TOKEN, L.instance().get_raw_token(ignore_auth_mode=True))"
+    )
+    for setup, expected in ((". ~/.bashrc; ", "True 0123456789abcdef"), ("", "False")):
+        shown = subprocess.run(
+            ["bash", "-c", f"{setup}{shlex.quote(sys.executable)} -c {shlex.quote(probe)}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert " ".join(shown[: len(expected.split())]) == expected
