@@ -63,8 +63,12 @@ def test_cluster_yaml_passes_rays_schema_offline(cluster):
         validate_config(broken)
 
 
+TOKEN_MOUNT = "~/.ray/auth_token"  # from the user's home, not from the repository
+
+
 def test_file_mounts_sync_the_installable_package_and_the_configs(cluster, pyproject):
     mounts = {home(remote): local for remote, local in cluster["file_mounts"].items()}
+    mounts.pop(TOKEN_MOUNT)
     for remote, local in mounts.items():  # `ray up` runs from the repo root and asserts these exist
         assert (REPO / local).exists(), f"file_mounts {remote}: {local} is missing"
     assert (REPO / mounts[f"{REMOTE_ROOT}/ratatouille"] / "__init__.py").is_file()
@@ -180,10 +184,71 @@ def test_environment_file_is_sourced_once_by_bashrc_and_exports_the_bucket(clust
         subprocess.run(["bash", "-c", cluster["setup_commands"][0]], env=env, check=True)
     assert (tmp_path / ".bashrc").read_text().count(".ratatouille_env") == 1
     shown = subprocess.run(
-        ["bash", "-c", ". ~/.bashrc; echo $RATATOUILLE_BUCKET $AWS_DEFAULT_REGION"],
+        ["bash", "-c", ". ~/.bashrc; echo $RATATOUILLE_BUCKET $AWS_DEFAULT_REGION $RAY_AUTH_MODE"],
         env=env,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
-    assert shown == [env_exports(cluster)["RATATOUILLE_BUCKET"], cluster["provider"]["region"]]
+    bucket = env_exports(cluster)["RATATOUILLE_BUCKET"]
+    assert shown == [bucket, cluster["provider"]["region"], "token"]
+
+
+def ray_start_env(command: str) -> dict[str, str]:
+    """``NAME=value`` assignments in front of ``ray start`` in one start command."""
+    (start,) = [part for part in command.split(";") if "ray start" in part]
+    words = shlex.split(start)
+    return dict(w.split("=", 1) for w in words[: words.index("ray")] if "=" in w)
+
+
+def test_token_authentication_is_on_and_every_node_has_the_token(cluster):
+    from ray._private.authentication.authentication_token_setup import (
+        AUTH_MODE_ENV_VAR,
+        _get_default_token_path,
+    )
+
+    # Ray reads ~/.ray/auth_token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set
+    default = "~/" + str(_get_default_token_path().relative_to(Path.home()))
+    assert home(next(r for r in cluster["file_mounts"] if home(r) == TOKEN_MOUNT)) == default
+    # copied from the user's machine (the updater expands ~ in local paths), and so from the
+    # head to every worker: the head's bootstrap config mounts each remote path onto itself
+    assert cluster["file_mounts"][TOKEN_MOUNT] == default
+    assert any(f"chmod 600 {default}" in c for c in cluster["setup_commands"])
+    # token mode for every shell (driver, ray status) and explicitly for both `ray start`s
+    assert env_exports(cluster)[AUTH_MODE_ENV_VAR] == "token"
+    (head_start,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
+    (worker_start,) = [c for c in cluster["worker_start_ray_commands"] if "ray start" in c]
+    assert ray_start_env(head_start) == {AUTH_MODE_ENV_VAR: "token"}
+    assert ray_start_env(worker_start) == {AUTH_MODE_ENV_VAR: "token"}
+    # the token itself never lives in the repository
+    text = (REPO / "cluster.yaml").read_text()
+    assert "RAY_AUTH_TOKEN" not in text
+    assert f"{AUTH_MODE_ENV_VAR}=disabled" not in text
+
+
+def test_a_nodes_shell_runs_ray_in_token_mode_with_the_mounted_token(cluster, tmp_path):
+    """What a node sees after file_mounts and setup: Ray itself (its C++ token loader) finds the
+    token at the mounted path and is in token mode; without the mode it would not be."""
+    (tmp_path / ".bashrc").write_text("")
+    token = tmp_path / TOKEN_MOUNT.removeprefix("~/")
+    token.parent.mkdir()
+    token.write_text("0123456789abcdef")  # what file_mounts copies
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    subprocess.run(["bash", "-c", cluster["setup_commands"][0]], env=env, check=True)
+    (chmod,) = [c for c in cluster["setup_commands"] if c.startswith("chmod")]
+    subprocess.run(["bash", "-c", chmod], env=env, check=True)
+    assert token.stat().st_mode & 0o777 == 0o600
+    probe = (
+        "from ray._raylet import AuthenticationMode as M, AuthenticationTokenLoader as L, "
+        "get_authentication_mode as mode; "
+        "print(mode() == M.TOKEN, L.instance().get_raw_token(ignore_auth_mode=True))"
+    )
+    for setup, expected in ((". ~/.bashrc; ", "True 0123456789abcdef"), ("", "False")):
+        shown = subprocess.run(
+            ["bash", "-c", f"{setup}{shlex.quote(sys.executable)} -c {shlex.quote(probe)}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert " ".join(shown[: len(expected.split())]) == expected
