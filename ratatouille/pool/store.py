@@ -183,7 +183,8 @@ class Pool:
     def _publish(self, entry: PoolEntry, payload: bytes, overwrite: bool) -> None:
         """The entry's file first, then the manifest that names it: a crash in between leaves an
         unlisted file (overwritten by the next add of that name), never a listed entry without
-        its bytes; an overwritten entry read in between fails its sha256 check, loudly."""
+        its bytes; an overwritten entry read in between fails its sha256 check, loudly. The file
+        is written under the lock too, so two adds of one name cannot interleave."""
         with self._files.exclusive():
             manifest = self._read_manifest()  # re-read: another writer may have added since
             if entry.name in manifest and not overwrite:
