@@ -382,7 +382,7 @@ def test_second_experiment_reuses_pretrained_and_pool(sweep):
     pool = Pool(pool_path(config))
     created = {entry.name: entry.created for entry in pool.entries()}
     other = tiny_config(
-        pool_path(config).parent.parent,
+        Path(pool_path(config)).parent.parent,
         name="tiny-reuse",
         aux=ROBUST,
         target={"arms": ["ratatouille"], "n_runs": 3},

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     pool = commands.add_parser("pool", help="list, verify or import auxiliary featurizers")
     pool_commands = pool.add_subparsers(dest="pool_command", required=True)
     for name in ("list", "verify"):
-        pool_commands.add_parser(name).add_argument("--pool", required=True, help="pool folder")
+        pool_commands.add_parser(name).add_argument(
+            "--pool", required=True, help="pool folder or URI (s3://bucket/pool)"
+        )
     imp = pool_commands.add_parser(
         "import", help="add a featurizer (a file, a timm model folder or hub repo) to a pool"
     )
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .safetensors file, a timm model folder local-dir:/path (config.json + "
         "model.safetensors) or a timm hub repo hf-hub:timm/NAME",
     )
-    imp.add_argument("--pool", required=True)
+    imp.add_argument("--pool", required=True, help="pool folder or URI (s3://bucket/pool)")
     imp.add_argument("--name", required=True)
     imp.add_argument(
         "--arch",

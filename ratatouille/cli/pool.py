@@ -17,9 +17,10 @@ def _format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _existing_pool(pool_dir: str) -> Pool:
-    """The pool at ``pool_dir``; PoolError when there is none."""
+    """The pool at ``pool_dir`` (a folder or a URI such as s3://bucket/pool); PoolError when
+    there is none."""
     pool = Pool(pool_dir)
-    if not pool.manifest_path.is_file():
+    if not pool.exists():
         raise PoolError(
             f"no pool at {pool.root} (no {MANIFEST}); add entries with "
             "`ratatouille pool import` or a `ratatouille run`"

@@ -141,7 +141,9 @@ class ResourcesConfig(_Section):
 class TrackingConfig(_Section):
     mlflow_uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI or ./mlflow.db")
     storage_path: str | None = Field(None, description="Ray storage (local, NFS or s3://)")
-    pool_path: str | None = Field(None, description="None = <storage_path>/pool")
+    pool_path: str | None = Field(
+        None, description="a folder or a URI (s3://bucket/pool); None = <storage_path>/pool"
+    )
     registered_model_name: str | None = None
 
 

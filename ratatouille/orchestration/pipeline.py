@@ -14,7 +14,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -22,6 +21,7 @@ import yaml
 from ratatouille.core.config import ExperimentConfig, parse_config
 from ratatouille.core.errors import UserError
 from ratatouille.core.names import PRETRAINED, MetricKey, Stage, WeightsFile
+from ratatouille.core.paths import stable_path
 from ratatouille.engine.models import create_featurizer
 from ratatouille.orchestration.reporting import Outcome, reduce_and_log
 from ratatouille.orchestration.search import (
@@ -35,6 +35,7 @@ from ratatouille.orchestration.search import (
     read_weights,
     storage_root,
 )
+from ratatouille.pool.files import child_location, is_uri, sibling_location
 from ratatouille.pool.store import Pool
 from ratatouille.recipe.checks import check_experiment, experiment_cells
 from ratatouille.recipe.specs import AuxSpec, Cell, ProbeSpec
@@ -72,16 +73,15 @@ class SweepState:
     excluded: list[Excluded] = field(default_factory=list)
 
 
-def pool_path(config: ExperimentConfig) -> Path:
-    if config.tracking.pool_path:
-        return Path(config.tracking.pool_path).expanduser().resolve()
-    storage = storage_root(config)
-    if "://" in storage:
-        raise PipelineError(
-            f"storage_path {storage} is remote: set tracking.pool_path to a "
-            "folder on the head node or on shared storage (NFS/EFS)"
-        )
-    return Path(storage) / "pool"
+def pool_path(config: ExperimentConfig) -> str:
+    """The auxiliary pool: ``tracking.pool_path`` (a folder, or a URI such as s3://bucket/pool
+    that outlives an ephemeral cluster), else ``<storage_path>/pool`` beside Tune's results."""
+    configured = config.tracking.pool_path
+    if configured and is_uri(configured):
+        return configured.rstrip("/")
+    if configured:
+        return str(stable_path(configured, "pool"))  # never inside a folder Ray owns
+    return child_location(storage_root(config), "pool")
 
 
 def _pretrained(config: ExperimentConfig, runner: StageRunner) -> dict[str, StateDict]:
@@ -92,7 +92,7 @@ def _pretrained(config: ExperimentConfig, runner: StageRunner) -> dict[str, Stat
             config.model.arch, config.model.weights_file, pretrained_hub=config.model.init == "hub"
         )
         return {PRETRAINED: featurizer.state_dict()}
-    store = Pool(pool_path(config).parent / "pretrained")
+    store = Pool(sibling_location(pool_path(config), "pretrained"))
     name = pretrained_identity(config)
     spec = pretrain_spec(config)
     if name not in store and spec is not None:

@@ -2,6 +2,8 @@
 
 A folder with one ``<name>.safetensors`` per featurizer and a ``manifest.json`` (source task, timm
 arch, sha256, ID-val accuracy, robust flag, creation time). Target-agnostic: built once, shared.
+The folder is local or on object storage (``s3://bucket/pool``), with the same files and checks
+(``pool.files`` says how writes stay safe on each).
 Safetensors never run code on load; pickles are refused unless trusted and then read with
 ``weights_only=True``. Every load checks sha256, arch and shapes first, so a tampered or mislabelled
 file fails loudly instead of silently initialising the wrong network. Pure: no Ray, no MLflow.
@@ -9,16 +11,12 @@ file fails loudly instead of silently initialising the wrong network. Pure: no R
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,22 +27,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ratatouille.core.errors import UserError
 from ratatouille.core.names import HF_WEIGHTS_FILE
+from ratatouille.pool.files import PoolError, PoolFiles
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_LOCK = ".manifest.lock"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 # Classifier tensors dropped on import when the featurizer (num_classes=0) has no such key.
 _HEAD_PREFIXES = ("fc.", "head.", "head_dist.", "classifier.", "last_linear.")
 # Wrappers that training scripts put around a state dict (DomainBed: "model_dict").
 _WRAPPER_KEYS = ("state_dict", "model_dict", "model_state_dict", "model", "featurizer")
-
-
-class PoolError(UserError, ValueError):
-    """A pool problem, stated as what is wrong and what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -118,19 +111,16 @@ def check_shapes(state_dict: Mapping[str, torch.Tensor], arch: str, what: str) -
 
 
 class Pool:
-    """A pool folder (local, or a shared filesystem mounted at the same path on every node)."""
+    """A pool folder: local, a shared mount at the same path on every node, or a URI on object
+    storage (``s3://bucket/pool``). ``root`` is that location as messages show it."""
 
     def __init__(self, root: str | Path) -> None:
-        if isinstance(root, str) and "://" in root:
-            raise PoolError(
-                f"pool folder {root!r} is a URI; the pool needs a filesystem path (local disk or a "
-                "shared mount such as NFS/EFS); copy it with `aws s3 sync` if it lives on S3"
-            )
-        self.root = Path(root).expanduser().absolute()
+        self._files = PoolFiles(root)
+        self.root = self._files.location
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / MANIFEST
+    def exists(self) -> bool:
+        """Whether the pool has a manifest (a pool is created by its first add)."""
+        return self._files.exists(MANIFEST)
 
     def entries(self) -> list[PoolEntry]:
         """All entries, sorted by name (empty when the pool does not exist yet)."""
@@ -162,7 +152,7 @@ class Pool:
     ) -> PoolEntry:
         """Store a featurizer state dict (keys of ``timm.create_model(arch, num_classes=0)``)."""
         _check_name(name)
-        if not overwrite and name in self:  # fail before serialising; re-checked under the lock
+        if not overwrite and name in self:  # fail before serialising; re-checked when writing
             raise self._exists(name)
         if id_val_acc is not None:
             id_val_acc = float(id_val_acc)
@@ -187,37 +177,36 @@ class Pool:
             bool(robust),
             datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = _write_temp(self.root, payload)  # the slow write happens outside the lock
-        try:
-            with self._locked():
-                manifest = (
-                    self._read_manifest()
-                )  # re-read under the lock: another driver may have added
-                if name in manifest and not overwrite:
-                    raise self._exists(name)
-                os.replace(tmp, self.root / entry.file)
-                manifest[name] = entry
-                self._write_manifest(manifest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        self._publish(entry, payload, overwrite)
         return entry
+
+    def _publish(self, entry: PoolEntry, payload: bytes, overwrite: bool) -> None:
+        """The entry's file first, then the manifest that names it: a crash in between leaves an
+        unlisted file (overwritten by the next add of that name), never a listed entry without
+        its bytes; an overwritten entry read in between fails its sha256 check, loudly. The file
+        is written under the lock too, so two adds of one name cannot interleave."""
+        with self._files.exclusive():
+            manifest = self._read_manifest()  # re-read: another writer may have added since
+            if entry.name in manifest and not overwrite:
+                raise self._exists(entry.name)
+            self._files.write(entry.file, payload)
+            manifest[entry.name] = entry
+            self._write_manifest(manifest)
 
     def load(self, name: str, *, expected_arch: str | None = None) -> dict[str, torch.Tensor]:
         """The featurizer ``phi_aux`` of ``name``, after checking its hash, arch and shapes."""
         entry = self.get(name)
-        path = self.root / entry.file
+        where = self._files.show(entry.file)
         try:
-            payload = path.read_bytes()  # hash and parse the same bytes: no swap in between
+            payload = self._files.read(entry.file)  # hash and parse the same bytes: no swap
         except FileNotFoundError:
             raise PoolError(
-                f"pool entry {name!r}: file {path} is missing; run `ratatouille pool verify "
+                f"pool entry {name!r}: file {where} is missing; run `ratatouille pool verify "
                 f"--pool {self.root}` and re-add or re-import the entry"
             ) from None
         if hashlib.sha256(payload).hexdigest() != entry.sha256:
             raise PoolError(
-                f"pool entry {name!r}: sha256 of {path} does not match the manifest (file changed "
+                f"pool entry {name!r}: sha256 of {where} does not match the manifest (file changed "
                 f"or corrupted); run `ratatouille pool verify --pool {self.root}` and re-import it"
             )
         if expected_arch is not None and not same_architecture(entry.arch, expected_arch):
@@ -229,7 +218,8 @@ class Pool:
             state_dict = st_load(payload)
         except SafetensorError as err:
             raise PoolError(
-                f"pool entry {name!r}: {path} is not a valid safetensors file ({err}); re-import it"
+                f"pool entry {name!r}: {where} is not a valid safetensors file ({err}); "
+                "re-import it"
             ) from err
         check_shapes(state_dict, entry.arch, f"pool entry {name!r}")
         return state_dict
@@ -252,33 +242,21 @@ class Pool:
         return None
 
     def _read_manifest(self) -> dict[str, PoolEntry]:
+        where = self._files.show(MANIFEST)
         try:
-            raw = json.loads(self.manifest_path.read_text())
+            raw = json.loads(self._files.read(MANIFEST))
         except FileNotFoundError:
             return {}
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PoolError(
-                f"{self.manifest_path} is not valid JSON ({err}); restore it from a backup"
-            ) from err
-        return _parse_manifest(raw, self.manifest_path)
+            raise PoolError(f"{where} is not valid JSON ({err}); restore it from a backup") from err
+        return _parse_manifest(raw, where)
 
     def _write_manifest(self, manifest: Mapping[str, PoolEntry]) -> None:
         document = {
             "version": MANIFEST_VERSION,
             "entries": [asdict(e) for _, e in sorted(manifest.items())],
         }
-        _write_temp(self.root, (json.dumps(document, indent=2) + "\n").encode(), self.manifest_path)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Exclusive lock across processes (and nodes, where the shared filesystem honours
-        flock)."""
-        with open(self.root / _LOCK, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        self._files.write(MANIFEST, (json.dumps(document, indent=2) + "\n").encode())
 
 
 def _check_name(name: str) -> None:
@@ -289,7 +267,7 @@ def _check_name(name: str) -> None:
         )
 
 
-def _parse_manifest(raw: object, path: Path) -> dict[str, PoolEntry]:
+def _parse_manifest(raw: object, path: str) -> dict[str, PoolEntry]:
     known = {field.name for field in fields(PoolEntry)}
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
         raise PoolError(f"{path} has no 'entries' list; it is not a ratatouille pool manifest")
@@ -306,24 +284,6 @@ def _parse_manifest(raw: object, path: Path) -> dict[str, PoolEntry]:
             )
         manifest[entry.name] = entry
     return manifest
-
-
-def _write_temp(folder: Path, payload: bytes, target: Path | None = None) -> Path:
-    """Write ``payload`` to a temp file in ``folder`` (same filesystem), then move it to
-    ``target``."""
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if target is not None:
-            os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target if target is not None else tmp
 
 
 def strip_to_featurizer(state_dict: Mapping[str, object], arch: str) -> dict[str, torch.Tensor]:
