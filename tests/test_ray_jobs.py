@@ -1,0 +1,169 @@
+"""`ray job submit --working-dir .` on a real two-node Ray cluster started with `ray start` on
+loopback, with Ray 2.60's token authentication on: the whole recipe runs, and its MLflow store
+and pool outlive the job's ephemeral working directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    # --block keeps `ray start` in the foreground: the test ends exactly this node's processes
+    # (its session), never others' (no `ray stop`, which ends every Ray on the machine).
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--node-ip-address=127.0.0.1", *args],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _ray(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head (1 CPU) and a worker (2 CPUs), each with its own temp dir and agent ports, token
+    authentication on with a token in the (test's) home."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        # `python` in the job's entrypoint is this environment's, as on a provisioned cluster
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+    }
+    env.pop("RAY_ADDRESS", None)
+    assert _ray(env, "get-auth-token", "--generate").returncode == 0
+    assert (home / ".ray" / "auth_token").is_file()
+    gcs, dashboard = _free_port(), _free_port()
+    # short temp dirs: Ray's socket paths under them must fit AF_UNIX's 107 bytes
+    temp = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))
+    nodes = [
+        _node(
+            [
+                f"--port={gcs}",
+                "--head",
+                "--num-cpus=1",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--temp-dir={temp / 'head'}",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
+            ],
+            env,
+            tmp_path / "head.log",
+        )
+    ]
+    try:
+        time.sleep(8)
+        nodes.append(
+            _node(
+                [
+                    f"--address=127.0.0.1:{gcs}",
+                    "--num-cpus=2",
+                    f"--temp-dir={temp / 'worker'}",
+                    f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--metrics-export-port={_free_port()}",
+                ],
+                env,
+                tmp_path / "worker.log",
+            )
+        )
+        yield env, f"http://127.0.0.1:{dashboard}", home
+    finally:
+        for node in reversed(nodes):
+            _stop(node)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _submit(env: dict, address: str, home: Path) -> subprocess.CompletedProcess:
+    runtime_env = {
+        "env_vars": {
+            "HOME": str(home),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+        }
+    }
+    command = [
+        "job",
+        "submit",
+        f"--address={address}",
+        f"--working-dir={REPO}",
+        f"--runtime-env-json={json.dumps(runtime_env)}",
+        "--",
+        "python",
+        "experiments/submit.py",
+        "experiments/quickstart.yaml",
+        "--steps",
+        "12",
+        "--n-runs",
+        "2",
+    ]
+    deadline = time.time() + 120
+    while True:  # the job agent may not listen yet right after `ray start` on a loaded machine
+        done = _ray(env, *command, timeout=900)
+        agent_not_ready = "No available agent" in done.stdout + done.stderr
+        if not agent_not_ready or time.time() > deadline:
+            return done
+        time.sleep(5)
+
+
+def test_ray_job_submit_runs_the_recipe_and_keeps_its_stores(cluster):
+    env, address, home = cluster
+    done = _submit(env, address, home)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "succeeded" in output and "soup_uniform" in output
+    assert "attached to the cluster at" in output  # the job's driver used the two-node cluster
+    stable = home / "ratatouille"  # the working dir was Ray's: the stores went under home
+    client = MlflowClient(f"sqlite:///{stable / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags.get("ratatouille.role") == "parent"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ratatouille.run_dir"].startswith(str(stable / "ray_results"))
+    assert [r for r in runs if r.data.tags.get("ratatouille.role") == "reducer"]
+    manifest = json.loads((stable / "ray_results" / "pool" / "manifest.json").read_text())
+    assert len(manifest["entries"]) == 3  # the quickstart's three auxiliary fine-tunings
+    nodes = {r.data.tags.get("ray.node_id") for r in runs if r.data.tags.get("stage")}
+    assert len(nodes - {None}) == 2  # trials ran on both nodes
