@@ -71,7 +71,10 @@ def cluster(tmp_path):
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "token",
     }
+    # what a user's shell has: no cluster address, no store that an earlier test's
+    # mlflow.set_tracking_uri left in this process's environment
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     assert _ray(env, "get-auth-token", "--generate").returncode == 0
     assert (home / ".ray" / "auth_token").is_file()
     gcs, dashboard = _free_port(), _free_port()
