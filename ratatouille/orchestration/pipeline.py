@@ -185,6 +185,16 @@ def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
     return SweepState(cells, featurizers, heads, targets, list(runner.excluded))
 
 
+def _run_to_resume(name: str, tracking_uri: str | None) -> tuple[Tracker, Any]:
+    """The latest parent run of experiment ``name``; a PipelineError when there is none."""
+    try:
+        return latest_parent(name, tracking_uri)
+    except TrackingError as error:
+        raise PipelineError(
+            f"nothing to resume for experiment {name!r} ({error}); run without --resume first"
+        ) from None
+
+
 def open_run(
     config: ExperimentConfig, continue_last: bool, command: str = "ratatouille run"
 ) -> tuple[Tracker, str]:
@@ -195,13 +205,7 @@ def open_run(
         run_dir = new_run_dir(config)
         tracker.start_parent(run_dir, config.model_dump(mode="json"))
         return tracker, run_dir
-    try:
-        _, parent = latest_parent(config.name, tracker.uri)
-    except TrackingError as error:
-        raise PipelineError(
-            f"nothing to resume for experiment {config.name!r} ({error}); "
-            "run without --resume first"
-        ) from None
+    _, parent = _run_to_resume(config.name, tracker.uri)
     run_dir = parent.data.tags[RUN_DIR]
     tracker.start_parent(run_dir, config.model_dump(mode="json"), resume_run_id=parent.info.run_id)
     return tracker, run_dir
@@ -226,13 +230,7 @@ def check_resumable(config: ExperimentConfig) -> None:
     """--resume continues the trials that the logged config planned: a field that changes
     trials (steps, hparams, arms, n_runs, data, model, ...) must be as logged. Reads the store
     only, before Ray starts or any run is touched."""
-    try:
-        tracker, parent = latest_parent(config.name, config.tracking.mlflow_uri)
-    except TrackingError as error:
-        raise PipelineError(
-            f"nothing to resume for experiment {config.name!r} ({error}); "
-            "run without --resume first"
-        ) from None
+    tracker, parent = _run_to_resume(config.name, config.tracking.mlflow_uri)
     logged = parse_config(yaml.safe_load(read_config_text(tracker)), "the logged config")
     run_id = parent.info.run_id
     exclude = set(REDUCER_ONLY_SECTIONS)
@@ -266,7 +264,7 @@ def run_pipeline(
     check_storage_shared(
         {
             "tracking.storage_path": storage_root(config),
-            "tracking.pool_path": str(pool_path(config)),
+            "tracking.pool_path": pool_path(config),
         }
     )
     tracker, run_dir = open_run(config, continue_last=resume or reduce_only, command=command)
