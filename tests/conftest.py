@@ -28,3 +28,15 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks_between_tests():
+    """Tracker calls mlflow.set_tracking_uri, which also sets MLFLOW_TRACKING_URI in this
+    process's environment: restore it after each test, so no test reads another's store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
