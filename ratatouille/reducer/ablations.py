@@ -309,6 +309,30 @@ def ablation_sources(
     )
 
 
+def _distinct_mixes(
+    ids_a: Sequence[str],
+    ids_b: Sequence[str],
+    n_a: int,
+    n_b: int,
+    draws: int,
+    rng: np.random.Generator,
+) -> list[tuple[str, ...]]:
+    """``draws`` distinct mixes of ``n_a`` of ``ids_a`` and ``n_b`` of ``ids_b`` (every mix
+    when there are no more than ``draws``), each a sorted tuple of run ids."""
+    if math.comb(len(ids_a), n_a) * math.comb(len(ids_b), n_b) <= draws:
+        return [
+            tuple(sorted(a + b))
+            for a in itertools.combinations(ids_a, n_a)
+            for b in itertools.combinations(ids_b, n_b)
+        ]
+    seen: dict[tuple[str, ...], None] = {}
+    while len(seen) < draws:
+        picked = [ids_a[k] for k in rng.choice(len(ids_a), size=n_a, replace=False)]
+        picked += [ids_b[k] for k in rng.choice(len(ids_b), size=n_b, replace=False)]
+        seen.setdefault(tuple(sorted(picked)), None)
+    return list(seen)
+
+
 def mixing_ratio(
     arms: Mapping[str, Sequence[TargetRun]],
     soup_acc: Any,
@@ -332,14 +356,7 @@ def mixing_ratio(
     ids_a, ids_b = [r.run_id for r in first], [r.run_id for r in second]
     for n_first in sorted({round(x) for x in np.linspace(0, m, min(points, m + 1))}):
         rng = np.random.default_rng(seed_hash(seed, "mixing", n_first))
-        seen: set[tuple] = set()
-        for draw in range(draws):
-            pick_a = rng.choice(len(ids_a), size=n_first, replace=False)
-            pick_b = rng.choice(len(ids_b), size=m - n_first, replace=False)
-            ids = tuple(sorted([ids_a[k] for k in pick_a] + [ids_b[k] for k in pick_b]))
-            if ids in seen:  # few combinations exist: each distinct mix once
-                continue
-            seen.add(ids)
+        for draw, ids in enumerate(_distinct_mixes(ids_a, ids_b, n_first, m - n_first, draws, rng)):
             rows.append(
                 {
                     "mu": n_first / m,
