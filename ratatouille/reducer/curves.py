@@ -22,6 +22,7 @@ init sources; pairs are drawn with a seeded generator.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -217,6 +218,10 @@ def _sample_pairs(
     return [pool[k] for k in order[:limit]]
 
 
+def _score(ev: Evaluator, split: Split, state: StateDict) -> float:
+    return ev.accuracy(state, split)
+
+
 def _rows(
     hypothesis: str,
     pair: int,
@@ -229,9 +234,8 @@ def _rows(
 ) -> list[dict]:
     rows = []
     for split in LMC_SPLITS:
-        curve = path_curve(
-            path, lambda st, sp=split: ev.accuracy(st, sp), lambdas, known=known.get(split)
-        )
+        score = functools.partial(_score, ev, split)
+        curve = path_curve(path, score, lambdas, known=known.get(split))
         verdict = lmc_verdict(curve, tolerance)
         rows.append(
             {
