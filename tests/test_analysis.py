@@ -88,8 +88,10 @@ def _recycling_arm() -> list[TargetRun]:
 def test_fig6_averages_exactly_m_runs_at_every_source_count_balanced_over_sources():
     runs = _recycling_arm()
     values = {r.run_id: 0.1 * k for k, r in enumerate(runs)}
-    soup = FakeSoup(values)
-    frame = ablation_sources({"ratatouille": runs}, soup, draws=4, seed=0).set_index("n_sources")
+    soup, skipped = FakeSoup(values), {}
+    frame = ablation_sources({"ratatouille": runs}, soup, draws=4, seed=0, skipped=skipped)
+    frame = frame.set_index("n_sources")
+    assert "M = 2" in skipped["ablation_sources/ratatouille"]
     # pretrained (2 runs) is in every subset -> M = 2; 3 sources but M = 2 runs reach 2 of them
     assert list(frame.index) == [1, 2] and set(frame.n_models) == {2}
     source = {r.run_id: source_task(r.init_source) for r in runs}

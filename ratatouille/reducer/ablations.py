@@ -268,7 +268,11 @@ def _balanced_draw(
 
 
 def ablation_sources(
-    arms: Mapping[str, Sequence[TargetRun]], soup_acc: Any, draws: int, seed: int
+    arms: Mapping[str, Sequence[TargetRun]],
+    soup_acc: Any,
+    draws: int,
+    seed: int,
+    skipped: dict[str, str] | None = None,
 ) -> pandas.DataFrame:
     """Fig. 6: uniform average of M runs from k auxiliary sources, M fixed, k = 1, 2, ...
 
@@ -277,7 +281,7 @@ def ablation_sources(
     ImageNet is auxiliary task "number zero", and ``n_sources`` counts it. M is
     :func:`fixed_m_for_sources`; each draw takes a random subset of k sources and M runs
     balanced over them (:func:`balanced_quota`). k stops at M (M runs cannot come from more
-    than M sources) and at the number of sources.
+    than M sources) and at the number of sources; ``skipped`` gets a line per arm cut at M.
     """
     rows = []
     for arm in (a for a in arms_where(lambda a: a.recycles) if arms.get(a)):
@@ -287,6 +291,11 @@ def ablation_sources(
         base = PRETRAINED if PRETRAINED in by_source else None
         m = fixed_m_for_sources({s: len(ids) for s, ids in by_source.items()}, base)
         others = sorted(s for s in by_source if s != base)
+        if m < len(by_source) and skipped is not None:
+            skipped[f"ablation_sources/{arm}"] = (
+                f"{len(by_source)} sources but M = {m} (the smallest run count of a source): "
+                f"source counts above {m} cannot be averaged at fixed M"
+            )
         for n_sources in range(1, min(len(by_source), m) + 1):
             rng = np.random.default_rng(seed_hash(seed, "ablation_sources", arm, n_sources))
             subsets = distinct_subsets(others, n_sources - (base is not None), draws, rng)
@@ -399,7 +408,7 @@ def analyse(
         "curves": curves,
         "lmc": lmc,
         "ablation_runs": ablation_runs(arms, soup_acc, s.ablation_draws, s.ablation_points, s.seed),
-        "ablation_sources": ablation_sources(arms, soup_acc, s.ablation_draws, s.seed),
+        "ablation_sources": ablation_sources(arms, soup_acc, s.ablation_draws, s.seed, skipped),
         "mixing": mixing_ratio(arms, soup_acc, s.ablation_draws, s.ablation_points, s.seed),
         "skipped": skipped,
     }
