@@ -275,7 +275,11 @@ def lmc_pairs(
         rows += _rows("hypothesis_1", k, (a, b), path, ev, lambdas, tol, {})
     by_id = {r.run_id: r for r in runs}
     source = {r.run_id: r.init_source for r in runs}
-    pairs = _sample_pairs(list(by_id), source.__getitem__, max_pairs, seed, "hypothesis_2")
+    task = {run_id: source_task(s) for run_id, s in source.items()}
+    # runs of different auxiliary tasks first (the paper's pairs), else of different entries
+    pairs = _sample_pairs(list(by_id), task.__getitem__, max_pairs, seed, "hypothesis_2")
+    if not any(task[a] != task[b] for a, b in pairs):
+        pairs = _sample_pairs(list(by_id), source.__getitem__, max_pairs, seed, "hypothesis_2")
     for k, (a, b) in enumerate(p for p in pairs if source[p[0]] != source[p[1]]):
         # one pair's two states at a time: they are freed when _run_pair_rows returns
         rows += _run_pair_rows(k, by_id[a], by_id[b], ev, lambdas, tol)
