@@ -292,8 +292,9 @@ def ablation_sources(
         m = fixed_m_for_sources({s: len(ids) for s, ids in by_source.items()}, base)
         others = sorted(s for s in by_source if s != base)
         if m < len(by_source) and skipped is not None:
+            why = "the pre-trained source's runs" if base else "the smallest run count of a source"
             skipped[f"ablation_sources/{arm}"] = (
-                f"{len(by_source)} sources but M = {m} (the smallest run count of a source): "
+                f"{len(by_source)} sources but M = {m} ({why}, so one source can fill it): "
                 f"source counts above {m} cannot be averaged at fixed M"
             )
         for n_sources in range(1, min(len(by_source), m) + 1):

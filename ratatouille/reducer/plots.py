@@ -181,7 +181,7 @@ def plot_ablation_sources(frame: pandas.DataFrame, title: str = "") -> Figure:
         "number of sources (pre-trained included)",
         title
         or "Uniform average of M runs balanced over random subsets of sources\n"
-        f"({fixed}: the smallest run count of a source, so one source can fill it)",
+        f"({fixed}: the run count of the one-source point)",
     )
 
 
