@@ -186,6 +186,13 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     assert {"comparison.csv", "comparison.json", "report.md", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(reducer.info.run_id, "figures")}
     assert len(figures) >= 4 and all(path.endswith(".png") for path in figures)
+    # the paper's claims, computed: a table on both runs, a verdict metric per computable claim
+    assert any(key.startswith("claims/") and key.endswith("/held") for key in metrics)
+    parent = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"claims.json", "claims.csv"} <= artifacts and {"claims.json", "figures"} <= parent
+    across = {a.path for a in client.list_artifacts(outcome.parent_run_id, "figures")}
+    assert "figures/all_cells_strategies.png" in across
+    assert "| claim | verdict | numbers |" in outcome.claims_markdown
     versions = client.search_model_versions("name = 'tiny-ratatouille'")
     # logged and registered by the parent run (the sweep that made it), an output of the reducer
     assert versions and versions[0].run_id == outcome.parent_run_id
