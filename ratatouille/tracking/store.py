@@ -601,6 +601,17 @@ def read_config_text(tracker: Tracker) -> str:
     return mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
 
 
+def read_claims(tracker: Tracker) -> pd.DataFrame | None:
+    """The claims table (``claims.csv``) of the tracker's parent run; None for a sweep reduced
+    before the reducer computed claims."""
+    run = tracker.client.get_run(tracker.parent_id)
+    try:
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/claims.csv")
+    except Exception:  # MLflow raises per store kind (OSError, MlflowException): absent
+        return None
+    return pd.read_csv(io.StringIO(text))
+
+
 def read_comparison(tracker: Tracker) -> pd.DataFrame:
     """The reducer's comparison table (CSV artifact) of the tracker's parent run."""
     runs = tracker.client.search_runs(
