@@ -51,7 +51,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-pytestmark = pytest.mark.ray
+# ray up (a venv install), the quickstart and ray down: 4 to 5 min on a busy 2-core machine
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "deploy" / "onprem" / "cluster.yaml"
 TOOLS = REPO / ".tools" / "root"
