@@ -432,6 +432,12 @@ def test_report_prints_the_table_and_writes_markdown_and_csv(sweep, tmp_path, ca
         assert row.ood_acc == pytest.approx(reducer.data.metrics[f"ood_acc/{row.strategy}"])
         assert f"| {row.strategy} | {100 * row.ood_acc:.1f} |" in markdown
     assert "| ratatouille_uniform |" in out
+    # the claims table is read back from the parent run, with the verdicts the reducer logged
+    assert "## The paper's claims (computed)" in markdown
+    held = reducer.data.metrics["claims/d_ratatouille_vs_soups/held"]
+    verdict = "held" if held == 1.0 else "not held"
+    assert f"| {verdict} |" in markdown.split("d_ratatouille_vs_soups")[1].split("\n")[0]
+    assert "d_ratatouille_vs_soups" in out
     # the link opens the experiment on its training runs, not on MLflow 3's GenAI overview
     experiment = sweep[2].get_experiment_by_name("tiny").experiment_id
     assert f"/#/experiments/{experiment}/runs?workflowType=machine_learning" in out
