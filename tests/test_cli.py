@@ -24,7 +24,7 @@ def _plan_rows(out):
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if parts and parts[0] in ("pretrain", "aux", "probe", "target"):
+        if parts and parts[0] in ("pretrain", "aux_probe", "aux", "probe", "target"):
             rows[parts[0]] = (int(parts[1]), int(parts[2].replace(",", "")))
     return rows
 
@@ -58,7 +58,11 @@ def test_plan_of_a_domainbed_config_follows_table_1_protocol(capsys):
     rows = _plan_rows(out)
     assert rows["probe"] == (12, 12 * 5001)
     assert rows["target"] == (12 * 60, 12 * 60 * 5001)
-    assert rows["aux"] == (4, 4 * 5001)  # VLCS, OfficeHome, TerraIncognita, DomainNet
+    # the reference's pool: VLCS, OfficeHome, TerraIncognita (5001 steps) and DomainNet
+    # (15001), one linear probe each, then 4 runs each from that probe
+    per_task = 3 * 5001 + 15001
+    assert rows["aux_probe"] == (4, per_task)
+    assert rows["aux"] == (16, 4 * per_task)
 
 
 def test_overrides_for_quick_tries(capsys):

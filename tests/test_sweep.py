@@ -268,3 +268,21 @@ def test_the_manifest_recipe_records_each_field_that_shapes_the_weights(referenc
     for key in ("arch", "image_size", "augment", "freeze_bn", "holdout_fraction", "seed"):
         assert key in recipe
     assert recipe["hparams"] == dataclasses.asdict(aux_specs(reference)[10].hparams)
+
+
+def test_domainbed_configs_follow_the_reference_pool_and_share_its_entries():
+    from pathlib import Path
+
+    from ratatouille.core.config import load_config
+
+    folder = Path(__file__).parent.parent / "experiments" / "domainbed"
+    configs = [load_config(path) for path in sorted(folder.glob("*.yaml"))]
+    assert len(configs) == 5
+    names: dict[tuple[str, int], set[str]] = {}
+    for config in configs:
+        assert (config.aux.runs_per_task, config.aux.head_init) == (4, "probe")
+        for spec in aux_specs(config):
+            assert spec.steps == (15001 if spec.task == "DomainNet" else 5001)
+            names.setdefault((spec.task, spec.run), set()).add(spec.name)
+    # each of the 5 datasets is an auxiliary task of the 4 others: one name per (task, run)
+    assert len(names) == 5 * 4 and all(len(n) == 1 for n in names.values())

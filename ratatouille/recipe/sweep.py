@@ -295,7 +295,8 @@ def plan_rows(
     stages: list[tuple[str, list[TrialSpec], Callable[[Any], int]]] = []
     if pretrain is not None:
         stages.append(("pretrain", [pretrain], lambda s: n_domains(s.task)))
-    stages.append(("aux_probe", list(aux_probe_specs(config)), lambda s: n_domains(s.task)))
+    if config.aux.head_init == "probe":
+        stages.append(("aux_probe", list(aux_probe_specs(config)), lambda s: n_domains(s.task)))
     stages.append(("aux", list(aux_specs(config)), lambda s: n_domains(s.task)))
     stages.append(("probe", list(probe_specs(config, cells)), lambda s: target_domains))
     stages.append(("target", list(target_specs(config, cells)), lambda s: target_domains))
