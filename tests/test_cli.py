@@ -41,10 +41,12 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
 def test_plan_counts_trials_and_steps_of_the_quickstart(capsys):
     code, out, _ = _run(capsys, "plan", str(EXPERIMENTS / "quickstart.yaml"))
     assert code == 0
-    # 1 T0 pre-training, 3 auxiliary tasks, 1 probe, 3 arms x 8 runs on one test domain.
+    # 1 T0 pre-training, 3 auxiliary tasks (a probe each, then 2 runs each), 1 probe,
+    # 3 arms x 8 runs on one test domain.
     assert _plan_rows(out) == {
         "pretrain": (1, 800),
-        "aux": (3, 900),
+        "aux_probe": (3, 900),
+        "aux": (6, 1800),
         "probe": (1, 300),
         "target": (24, 24 * 400),
     }
