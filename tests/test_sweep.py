@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from ratatouille.core.config import parse_config
@@ -286,3 +288,15 @@ def test_domainbed_configs_follow_the_reference_pool_and_share_its_entries():
             names.setdefault((spec.task, spec.run), set()).add(spec.name)
     # each of the 5 datasets is an auxiliary task of the 4 others: one name per (task, run)
     assert len(names) == 5 * 4 and all(len(n) == 1 for n in names.values())
+
+
+def test_a_weights_file_is_identified_by_its_content_not_its_path(tmp_path):
+    path = tmp_path / "phi.safetensors"
+    save_file(create_featurizer("test_resnet").state_dict(), str(path))
+    config = tiny_config(tmp_path, model={"init": "file", "weights_file": str(path)})
+    before = aux_entry_name(config, "digits_aux_flipped", 0)
+    torch.manual_seed(1)
+    save_file(create_featurizer("test_resnet").state_dict(), str(path))  # same path, new phi_pt
+    mtime = path.stat().st_mtime_ns + 10**9  # a coarse clock could repeat the first mtime
+    os.utime(path, ns=(mtime, mtime))
+    assert aux_entry_name(config, "digits_aux_flipped", 0) != before

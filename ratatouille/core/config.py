@@ -73,7 +73,10 @@ class PretrainConfig(TrainStageConfig):
 class AuxConfig(_Section):
     tasks: list[str] = Field(default_factory=list, description="auxiliary datasets T_1..T_K")
     runs_per_task: int = Field(
-        1, gt=0, description="runs per auxiliary dataset, each its own hparams draw (ref.: 4)"
+        1,
+        gt=0,
+        description="runs per auxiliary dataset, each its own draw of `hparams` (reference: 4); "
+        "with hparams: default they share the defaults and differ by their seed alone",
     )
     steps: int | dict[str, int] = Field(
         5001,

@@ -10,6 +10,9 @@ sweep rebuilds exactly the same ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +51,30 @@ def pretrained_identity(config: ExperimentConfig) -> str:
         }
         return f"pretrain-{config.pretrain.task}-{model.arch}-{digest(recipe)}"
     if model.init == "file":
-        return f"file-{model.arch}-{digest(model.weights_file)}"
+        assert model.weights_file is not None
+        return f"file-{model.arch}-{_file_identity(model.weights_file)}"
     return f"hub-{model.arch}"
+
+
+def _file_identity(path: str) -> str:
+    """The weights file's content hash: another file at the same path is another phi_pt. A
+    path this process cannot read (a worker's disk) is named by its path alone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return digest(path)
+    return _content_digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of the file, computed once per (path, size, mtime): the planner asks per spec."""
+    del size, mtime_ns  # part of the cache key only: a rewritten file is hashed again
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()[:8]
 
 
 def _data_recipe(config: ExperimentConfig, *, augment: bool) -> dict[str, Any]:
