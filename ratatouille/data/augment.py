@@ -121,50 +121,67 @@ def _crop_flip_resize(x: Tensor, params: AugmentParams, out: int) -> Tensor:
 
 
 def _luma(x: Tensor) -> Tensor:
-    r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    """Grey level (..., 1, H, W) of RGB images (..., 3, H, W)."""
+    r, g, b = x.unbind(-3)
+    return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(-3)
 
 
-def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r, g, b = x.unbind(1)
-    value, argmax = x.max(dim=1)
-    chroma = value - x.min(dim=1).values
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    hue = torch.where(
-        argmax == 0,
-        ((g - b) / safe) % 6,
-        torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4),
-    )
-    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
-    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, 1.0), 0.0)
-    return hue, saturation, value
+Factor = Tensor | float  # (n, 1, 1, 1) for a batch, a number for one image
 
 
-def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
-    # Channel n (R: 5, G: 3, B: 1) is v - v * s * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) % 6.
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = (n + 6 * hue) % 6
-        channels.append(value - value * saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
-    return torch.stack(channels, dim=1)
+def _brightness_(x: Tensor, f: Factor) -> None:  # blend with black
+    x.mul_(f).clamp_(0, 1)
 
 
-def _colour_op(op: int, x: Tensor, factor: Tensor) -> Tensor:
-    """One ColorJitter op on a sub-batch, ``factor`` of shape (n,); results clamped to [0, 1]."""
-    f = factor.view(-1, 1, 1, 1)
-    if op == BRIGHTNESS:  # blend with black
-        return (x * f).clamp_(0, 1)
-    if op == CONTRAST:  # blend with the image's mean grey level
-        mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
-        return (mean + f * (x - mean)).clamp_(0, 1)
-    if op == SATURATION:  # blend with the image's own greyscale
-        grey = _luma(x)
-        return (grey + f * (x - grey)).clamp_(0, 1)
-    hue, saturation, value = _rgb_to_hsv(x)
-    return _hsv_to_rgb((hue + f.view(-1, 1, 1)) % 1.0, saturation, value)
+def _contrast_(x: Tensor, f: Factor) -> None:  # blend with the image's mean grey level
+    weights = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
+    mean = (x.mean(dim=(-2, -1)) * weights).sum(-1)[..., None, None, None]
+    x.mul_(f).add_(mean * (1 - f)).clamp_(0, 1)
 
 
-def _colour_jitter(x: Tensor, params: AugmentParams) -> Tensor:
+def _saturation_(x: Tensor, f: Factor) -> None:  # blend with the image's own greyscale
+    grey = _luma(x).mul_(1 - f)
+    x.mul_(f).add_(grey).clamp_(0, 1)
+
+
+def _hue_(x: Tensor, f: Factor) -> None:
+    """Rotate the HSV hue by ``f`` turns, keeping value (max) and chroma (max - min).
+
+    Written without bool tensors, ``where``, ``heaviside`` or per-channel ``remainder`` (each
+    several times slower than float arithmetic on the CPU): ``floor(c - max + 1)`` is 1 where
+    channel c is the largest, 0 elsewhere (values are in [0, 1]).
+    """
+    r, g, b = x.unbind(-3)
+    top = torch.maximum(torch.maximum(r, g), b)
+    low = torch.minimum(torch.minimum(r, g), b)
+    chroma = top - low
+    is_r = (r - top).add_(1).floor_()  # r wins ties, then g
+    is_g = (g - top).add_(1).floor_().mul_(1 - is_r)
+    is_b = (1 - is_r).sub_(is_g)
+    # The hexcone hue times chroma: (g - b) when r is largest, (b - r) + 2C for g, (r - g) + 4C
+    # for b; then the hue in sextants, rotated by 6 f and wrapped into [0, 6).
+    h6 = (g - b).mul_(is_r)
+    h6.add_((b - r).add_(chroma, alpha=2).mul_(is_g))
+    h6.add_((r - g).add_(chroma, alpha=4).mul_(is_b))
+    h6.div_(chroma.clamp_min(1e-12)).add_(_per_image(f) * 6)
+    h6.sub_(torch.floor(h6 / 6).mul_(6))
+    # A fully saturated colour of hue h6 has R = clamp(|h6 - 3| - 1), G = clamp(2 - |h6 - 2|),
+    # B = clamp(2 - |h6 - 4|) (each clamped to [0, 1]); scaled into [min, max].
+    torch.add(low, (h6 - 3).abs_().sub_(1).clamp_(0, 1).mul_(chroma), out=r)
+    torch.add(low, (h6 - 2).abs_().neg_().add_(2).clamp_(0, 1).mul_(chroma), out=g)
+    torch.add(low, (h6 - 4).abs_().neg_().add_(2).clamp_(0, 1).mul_(chroma), out=b)
+
+
+def _per_image(f: Factor) -> Factor:
+    """A batch's factors (n, 1, 1, 1) as (n, 1, 1), to broadcast over (n, H, W) channels."""
+    return f.view(-1, 1, 1) if isinstance(f, Tensor) else f
+
+
+_COLOUR_OPS = (_brightness_, _contrast_, _saturation_, _hue_)  # torchvision's op indices
+
+
+def _colour_jitter_batched(x: Tensor, params: AugmentParams) -> Tensor:
+    """Each position of the op order: every op on the sub-batch that applies it there."""
     factors = params.factors.to(device=x.device, dtype=x.dtype)
     for position in range(4):
         for op in range(4):
@@ -172,15 +189,44 @@ def _colour_jitter(x: Tensor, params: AugmentParams) -> Tensor:
             if len(rows) == 0:
                 continue
             rows = rows.to(x.device)
-            x = x.index_copy(0, rows, _colour_op(op, x.index_select(0, rows), factors[rows, op]))
+            part = x.index_select(0, rows)
+            _COLOUR_OPS[op](part, factors[rows, op].view(-1, 1, 1, 1))
+            x = x.index_copy(0, rows, part)
+    return x
+
+
+def _augment_batched(images: Tensor, params: AugmentParams, out: int) -> Tensor:
+    """One grid_sample for every crop, colour ops on sub-batches: few, large kernels (GPU)."""
+    x = _crop_flip_resize(to_unit(images), params, out)
+    x = _colour_jitter_batched(x, params)
+    gray = params.gray.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(gray, _luma(x).expand_as(x), x)
+
+
+def _augment_items(images: Tensor, params: AugmentParams, out: int) -> Tensor:
+    """Item by item, in place, on cache-sized images (CPU): no sub-batch copies. The crop is
+    resized in uint8 (rounded, as PIL does) by torch's antialiased bilinear kernel."""
+    x = torch.empty(len(images), 3, out, out, dtype=torch.float32)
+    crops, flips, grays = params.crop.tolist(), params.flip.tolist(), params.gray.tolist()
+    orders, factors = params.order.tolist(), params.factors.tolist()
+    for i, (top, left, h, w) in enumerate(crops):
+        patch = images[i : i + 1, :, top : top + h, left : left + w]
+        if (h, w) != (out, out):
+            patch = F.interpolate(patch, size=(out, out), mode="bilinear", antialias=True)
+        image = x[i]
+        image.copy_(patch[0].flip(-1) if flips[i] else patch[0]).div_(255.0)
+        for op in orders[i]:
+            _COLOUR_OPS[op](image, factors[i][op])
+        if grays[i]:
+            image.copy_(_luma(image).expand_as(image))
     return x
 
 
 def normalize(x: Tensor) -> Tensor:
-    """ImageNet normalisation of a float [0, 1] batch (N x 3 x H x W)."""
+    """ImageNet normalisation of a float [0, 1] batch (N x 3 x H x W), in place."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)
 
 
 def to_unit(images: Tensor) -> Tensor:
@@ -193,14 +239,23 @@ def eval_batch(images: Tensor) -> Tensor:
     return normalize(to_unit(images))
 
 
-def augment_batch(images: Tensor, params: AugmentParams, out_size: int | None = None) -> Tensor:
+def augment_batch(
+    images: Tensor,
+    params: AugmentParams,
+    out_size: int | None = None,
+    batched: bool | None = None,
+) -> Tensor:
     """DomainBed's training augmentation of stored uint8 images (N x 3 x S x S, any device),
-    normalised float32 output. ``params`` come from :func:`draw_params` (on the CPU)."""
+    normalised float32 output. ``params`` come from :func:`draw_params` (on the CPU).
+
+    ``batched`` (default: on every device but the CPU) picks the few-large-kernels form; the
+    CPU default works item by item in place, which a single core runs several times faster.
+    Both compute the same ops; they differ by the uint8 rounding after the crop.
+    """
     if len(images) != len(params):
         raise ValueError(f"{len(images)} images but parameters for {len(params)}")
     out = images.shape[-1] if out_size is None else out_size
-    x = _crop_flip_resize(to_unit(images), params, out)
-    x = _colour_jitter(x, params)
-    gray = params.gray.to(x.device).view(-1, 1, 1, 1)
-    x = torch.where(gray, _luma(x).expand_as(x), x)
+    if batched is None:
+        batched = images.device.type != "cpu"
+    x = _augment_batched(images, params, out) if batched else _augment_items(images, params, out)
     return normalize(x)
