@@ -348,3 +348,17 @@ def test_bad_pipeline_and_relative_cache_dir_are_clear_errors(tmp_path: Path) ->
         PACS(root, pipeline="fast")  # type: ignore[arg-type]
     with pytest.raises(DataError, match="absolute path"):
         PACS(root, image_size=8, pipeline="decoded", cache_dir="relative/cache").store()
+
+
+def test_data_config_pipeline_and_cache_dir() -> None:
+    from pydantic import ValidationError
+
+    from ratatouille.core.config import DataConfig
+
+    assert DataConfig(dataset="PACS").pipeline == "pil"  # the reference unless asked
+    parsed = DataConfig(dataset="PACS", pipeline="decoded", cache_dir="~/stores")
+    assert parsed.pipeline == "decoded" and parsed.cache_dir == str(Path.home() / "stores")
+    with pytest.raises(ValidationError, match="pipeline"):
+        DataConfig(dataset="PACS", pipeline="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="cache_dir must be an absolute path"):
+        DataConfig(dataset="PACS", cache_dir="stores")

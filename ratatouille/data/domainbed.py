@@ -17,11 +17,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from ratatouille.data.base import DataError, DatasetNotFoundError, FileDomain, MultiDomainDataset
+from ratatouille.data.base import (
+    DataError,
+    DatasetNotFoundError,
+    FileDomain,
+    MultiDomainDataset,
+    load_rgb,
+)
+from ratatouille.data.pipeline import StoredDomain
 from ratatouille.data.store import DecodedStore, open_store
 from ratatouille.data.transforms import domainbed_eval_transform, domainbed_train_transform
 
@@ -30,12 +36,6 @@ DOWNLOAD_HINT = (
     "python -m domainbed.scripts.download --data_dir=ROOT) and pass ROOT as the data root, "
     "or use the embedded offline benchmark (dataset 'digits', no download)."
 )
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image file as RGB (DomainBed's ImageFolder loader)."""
-    with open(path, "rb") as handle:
-        return Image.open(handle).convert("RGB")
 
 
 Pipeline = Literal["pil", "decoded"]
@@ -132,8 +132,6 @@ class DomainBedImageFolder(MultiDomainDataset):
 
     def _domain_items(self, index: int, train: bool) -> Dataset:
         if self.pipeline == "decoded":
-            from ratatouille.data.pipeline import StoredDomain  # it imports the loaders
-
             return StoredDomain(self._samples[index], self.store(), index, train)
         transform = self._train_transform if train else self._eval_transform
         return FileDomain(self._samples[index], load_rgb, transform)

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from ratatouille.data.base import DataError
+from ratatouille.data.base import DataError, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,6 @@ class _Decode(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from ratatouille.data.domainbed import load_rgb  # domainbed imports this module
-
         image = self.resize(load_rgb(self.samples[index][0]))
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
