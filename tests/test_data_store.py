@@ -28,6 +28,7 @@ from ratatouille.data import (
 from ratatouille.data import augment as augment_module
 from ratatouille.data import store as store_module
 from ratatouille.data.augment import CROP_RATIO, CROP_SCALE, augment_batch, draw_params
+from ratatouille.data.identity import input_record
 from ratatouille.data.transforms import domainbed_train_transform
 from ratatouille.engine.models import build_classifier
 from ratatouille.engine.train import FineTuneConfig, fine_tune
@@ -321,6 +322,8 @@ def test_training_runs_end_to_end_on_the_decoded_path_and_resumes_exactly(tmp_pa
     dataset = get_dataset("PACS", root, image_size=16, pipeline="decoded", cache_dir=tmp_path / "c")
     splits = target_splits(dataset, [3], split_seed=0)
     assert all(isinstance(d.dataset, StoredDomain) for d in splits.train + splits.id_val)
+    reference = get_dataset("PACS", root, image_size=16)  # the PIL path reads the same items
+    assert input_record(dataset, [0, 1, 2], 0, 0.2) == input_record(reference, [0, 1, 2], 0, 0.2)
     cfg = FineTuneConfig(steps=6, checkpoint_freq=3, lr=1e-3, weight_decay=0.0, batch_size=4)
     snapshots: dict[int, dict] = {}
 
