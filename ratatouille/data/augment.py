@@ -17,6 +17,7 @@ relative to the resized image, and no detail finer than S x S survives (every cr
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -101,14 +102,13 @@ def draw_params(item_seeds: list[int], size: int) -> AugmentParams:
     )
 
 
-def _crop_flip_resize(x: Tensor, params: AugmentParams, out: int) -> Tensor:
-    """Each item's crop box resized to out x out (bilinear, pixel centres), mirrored if drawn."""
+def _crop_flip_resize(x: Tensor, box: Tensor, flip: Tensor, out: int) -> Tensor:
+    """Each item's crop box (n x 4: top, left, height, width) resized to out x out (bilinear,
+    pixel centres), mirrored where ``flip`` (n, bool); ``box`` and ``flip`` on x's device."""
     n, size = len(x), x.shape[-1]
-    box = params.crop.to(device=x.device, dtype=x.dtype)
-    top, left, h, w = (box[:, k].view(n, 1) for k in range(4))
+    top, left, h, w = (box[:, k].view(n, 1).to(x.dtype) for k in range(4))
     centres = (torch.arange(out, device=x.device, dtype=x.dtype) + 0.5).view(1, out)
-    flip = params.flip.to(x.device).view(n, 1)
-    centres_x = torch.where(flip, out - centres, centres)
+    centres_x = torch.where(flip.view(n, 1), out - centres, centres)
     # Output pixel centre u maps to left + u * w / out in input pixels; grid_sample
     # (align_corners=False) takes it normalised as 2 * x / size - 1.
     src_x = (left + centres_x * (w / out)) * (2.0 / size) - 1.0  # (n, out)
@@ -134,8 +134,8 @@ def _brightness_(x: Tensor, f: Factor) -> None:  # blend with black
 
 
 def _contrast_(x: Tensor, f: Factor) -> None:  # blend with the image's mean grey level
-    weights = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
-    mean = (x.mean(dim=(-2, -1)) * weights).sum(-1)[..., None, None, None]
+    r, g, b = x.mean(dim=(-2, -1)).unbind(-1)  # the grey mean is the luma of channel means
+    mean = (r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2])[..., None, None, None]
     x.mul_(f).add_(mean * (1 - f)).clamp_(0, 1)
 
 
@@ -180,26 +180,40 @@ def _per_image(f: Factor) -> Factor:
 _COLOUR_OPS = (_brightness_, _contrast_, _saturation_, _hue_)  # torchvision's op indices
 
 
-def _colour_jitter_batched(x: Tensor, params: AugmentParams) -> Tensor:
-    """Each position of the op order: every op on the sub-batch that applies it there."""
-    factors = params.factors.to(device=x.device, dtype=x.dtype)
-    for position in range(4):
-        for op in range(4):
-            rows = (params.order[:, position] == op).nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            rows = rows.to(x.device)
-            part = x.index_select(0, rows)
-            _COLOUR_OPS[op](part, factors[rows, op].view(-1, 1, 1, 1))
-            x = x.index_copy(0, rows, part)
-    return x
+def _send(tensor: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on ``device`` without a host-device sync (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _augment_batched(images: Tensor, params: AugmentParams, out: int) -> Tensor:
-    """One grid_sample for every crop, colour ops on sub-batches: few, large kernels (GPU)."""
-    x = _crop_flip_resize(to_unit(images), params, out)
-    x = _colour_jitter_batched(x, params)
-    gray = params.gray.to(x.device).view(-1, 1, 1, 1)
+    """One grid_sample for every crop, each colour op on the sub-batch that applies it at
+    each position of the op order: few, large kernels (GPU). The parameters and the
+    sub-batches' rows are worked out on the CPU and sent in two copies: no kernel waits for
+    the host, and the host never waits for the device."""
+    device = images.device
+    groups = [
+        (op, (params.order[:, position] == op).nonzero().flatten())
+        for position in range(4)
+        for op in range(4)
+    ]
+    rows = _send(torch.cat([g for _, g in groups]), device)
+    packed = torch.cat(
+        [params.crop, params.flip[:, None], params.factors, params.gray[:, None]], dim=1
+    )
+    packed = _send(packed.to(torch.float32), device)  # crop 0..3, flip 4, factors 5..8, gray 9
+    x = _crop_flip_resize(to_unit(images), packed[:, :4], packed[:, 4] > 0.5, out)
+    start = 0
+    for op, cpu_rows in groups:
+        count = len(cpu_rows)
+        if count:
+            part_rows = rows[start : start + count]
+            part = x.index_select(0, part_rows)
+            _COLOUR_OPS[op](part, packed[part_rows, 5 + op].view(-1, 1, 1, 1))
+            x = x.index_copy(0, part_rows, part)
+        start += count
+    gray = (packed[:, 9] > 0.5).view(-1, 1, 1, 1)
     return torch.where(gray, _luma(x).expand_as(x), x)
 
 
@@ -222,10 +236,17 @@ def _augment_items(images: Tensor, params: AugmentParams, out: int) -> Tensor:
     return x
 
 
+@functools.cache
+def _imagenet(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std on ``device``, made once (a copy per batch would sync on CUDA)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype).view(1, 3, 1, 1)
+    return mean.to(device), std.to(device)
+
+
 def normalize(x: Tensor) -> Tensor:
     """ImageNet normalisation of a float [0, 1] batch (N x 3 x H x W), in place."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _imagenet(x.device, x.dtype)
     return x.sub_(mean).div_(std)
 
 
