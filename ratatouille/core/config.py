@@ -35,6 +35,28 @@ class DataConfig(_Section):
     image_size: int | None = Field(None, ge=8)
     augment: bool = True
     num_workers: int = Field(0, ge=0)
+    pipeline: Literal["pil", "decoded"] = Field(
+        "pil",
+        description="pil: decode and augment each image with PIL (the reference); decoded: a "
+        "uint8 store decoded once per node, augmented batched on the trial's device",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="absolute folder of the decoded stores (local disk of each node); "
+        "None = $RATATOUILLE_CACHE_DIR or ~/.cache/ratatouille/decoded",
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_absolute(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise ValueError(
+                f"cache_dir must be an absolute path (trials run in other folders), got {value!r}"
+            )
+        return str(path)
 
 
 class ModelConfig(_Section):

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ratatouille.core.names import MetricKey
 from ratatouille.core.seeding import seed_hash
-from ratatouille.data import InfiniteLoader, eval_loader
+from ratatouille.data import eval_batches, train_batches
 from ratatouille.engine.models import Classifier
 
 SNAPSHOT_VERSION = 1
@@ -148,11 +148,12 @@ def predict_logits(
     logits, labels = [], []
     try:
         with _fork_rng(device):
-            for x, y in eval_loader(dataset, batch_size=batch_size, num_workers=num_workers):
+            batches = eval_batches(dataset, batch_size, device=device, num_workers=num_workers)
+            for x, y in batches:
                 with autocast_for(device):
-                    out = model(x.to(device, non_blocking=True))
+                    out = model(x)
                 logits.append(out.float().cpu())
-                labels.append(torch.as_tensor(y))
+                labels.append(y)
     finally:
         model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).long().numpy()
@@ -308,13 +309,12 @@ class _FineTuning:
 
     def open_loaders(self, step: int) -> list[Iterator]:
         return [
-            iter(
-                InfiniteLoader(
-                    d,
-                    self.cfg.batch_size,
-                    loader_seed(self.cfg.seed, i, step),
-                    num_workers=self.cfg.num_workers,
-                )
+            train_batches(
+                d,
+                self.cfg.batch_size,
+                loader_seed(self.cfg.seed, i, step),
+                device=self.device,
+                num_workers=self.cfg.num_workers,
             )
             for i, d in enumerate(self.train)
         ]
@@ -324,9 +324,8 @@ class _FineTuning:
             self.batches = self.open_loaders(step)
         if self.optimizer_phase != self.phase(step):
             self.enter_phase(self.phase(step))
-        xs, ys = zip(*(next(batches) for batches in self.batches))
-        x = torch.cat(xs).to(self.device, non_blocking=True)
-        y = torch.cat([torch.as_tensor(t) for t in ys]).long().to(self.device, non_blocking=True)
+        xs, ys = zip(*(next(batches) for batches in self.batches))  # already on the device
+        x, y = torch.cat(xs), torch.cat(ys)
         with autocast_for(self.device):
             loss = F.cross_entropy(self.model(x), y)
         value = loss.item()
