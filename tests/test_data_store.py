@@ -365,3 +365,30 @@ def test_data_config_pipeline_and_cache_dir() -> None:
         DataConfig(dataset="PACS", pipeline="fast")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="cache_dir must be an absolute path"):
         DataConfig(dataset="PACS", cache_dir="stores")
+
+
+def test_a_trial_reads_the_pipeline_and_cache_its_config_names(tmp_path: Path) -> None:
+    from ratatouille.core.config import parse_config
+    from ratatouille.recipe.stages import context_for
+
+    root = _write_pacs(tmp_path / "data")
+    cache = tmp_path / "cache"
+    raw = {
+        "name": "wiring",
+        "data": {
+            "dataset": "PACS",
+            "root": str(root),
+            "image_size": 24,
+            "pipeline": "decoded",
+            "cache_dir": str(cache),
+        },
+        "model": {"arch": "test_resnet", "init": "pretrain"},
+        "pretrain": {"task": "digits_t0", "steps": 2},
+        "target": {"arms": ["soups"]},
+    }
+    dataset = context_for(parse_config(raw)).dataset("PACS")
+    assert all(isinstance(dataset.domain(i, True), StoredDomain) for i in range(len(dataset)))
+    assert any(cache.iterdir())  # the store was built where the config said
+    raw["data"]["pipeline"] = "pil"
+    pil = context_for(parse_config(raw)).dataset("PACS")
+    assert not any(isinstance(pil.domain(i, True), StoredDomain) for i in range(len(pil)))

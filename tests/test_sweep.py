@@ -216,6 +216,7 @@ def _changed(tmp_path, **sections):
         {"data": {"augment": False}},
         {"model": {"freeze_bn": False}},
         {"data": {"holdout_fraction": 0.3}},
+        {"data": {"pipeline": "decoded"}},
         {"seed": 1},
         {"aux": {"head_init": "probe"}},
         {"aux": {"steps": 13}},

@@ -77,6 +77,8 @@ class TrialContext:
             image_size=self.data.image_size,
             augment=self.data.augment if augment is None else augment,
             seed=self.seed,
+            pipeline=self.data.pipeline,
+            cache_dir=self.data.cache_dir,
         )
 
 

@@ -84,6 +84,8 @@ def _data_recipe(config: ExperimentConfig, *, augment: bool) -> dict[str, Any]:
         "augment": augment,
         "holdout_fraction": data.holdout_fraction,
         "pipeline": DATA_PIPELINE_VERSION,
+        # the decoded store crops from the stored S x S image, PIL from the original file
+        "loader": data.pipeline,
     }
 
 
