@@ -325,26 +325,32 @@ def test_source_diversity_splits_pairs_by_init_source(reduced):
     assert rat.loc["same_source"].n_pairs == 1 and rat.loc["different_source"].n_pairs == 9
 
 
-def test_summarize_gives_mean_and_std_over_split_seeds_in_table1_order(reduced):
+def test_summarize_gives_mean_and_standard_error_over_split_seeds_in_table1_order(reduced):
     base = reduced["result"]
     cells = {}
-    for domain, seed, shift in (("d2", 0, 0.0), ("d2", 1, 0.1), ("d0", 0, 0.05), ("d0", 1, -0.05)):
+    shifts = {("d2", 0): 0.0, ("d2", 1): 0.1, ("d2", 2): 0.04, ("d0", 0): 0.05}
+    shifts.update({("d0", 1): -0.05, ("d0", 2): 0.02})
+    for (domain, seed), shift in shifts.items():
         result = copy.copy(base)
-        result.table = base.table.assign(ood_acc=(base.table.ood_acc + shift).clip(0, 1))
+        result.table = base.table.assign(ood_acc=base.table.ood_acc + shift)
         cells[(domain, seed)] = result
     summary = summarize(cells)
     assert list(summary.index) == list(TABLE_1_ORDER)
     erm = _row(base, "erm").ood_acc
-    d2 = [min(max(erm + s, 0), 1) for s in (0.0, 0.1)]
-    d0 = [min(max(erm + s, 0), 1) for s in (0.05, -0.05)]
+    d2 = [erm + 0.0, erm + 0.1, erm + 0.04]
+    d0 = [erm + 0.05, erm - 0.05, erm + 0.02]
+    # s.e. by hand: sqrt(sum((x - mean)^2) / (n - 1)) / sqrt(n), n = 3 split seeds
+    se_d2 = math.sqrt(sum((x - np.mean(d2)) ** 2 for x in d2) / 2) / math.sqrt(3)
     assert summary.loc["erm", ("d2", "mean")] == pytest.approx(np.mean(d2))
-    assert summary.loc["erm", ("d2", "std")] == pytest.approx(np.std(d2, ddof=1))
+    assert summary.loc["erm", ("d2", "se")] == pytest.approx(se_d2)
     assert summary.loc["erm", ("avg", "mean")] == pytest.approx((np.mean(d2) + np.mean(d0)) / 2)
-    per_seed = [(d2[0] + d0[0]) / 2, (d2[1] + d0[1]) / 2]
-    assert summary.loc["erm", ("avg", "std")] == pytest.approx(np.std(per_seed, ddof=1))
-    text = format_table(summary)
-    assert text.splitlines()[0] == "| strategy | d2 | d0 | avg |"
-    assert f"{100 * np.mean(d2):.1f} ± {100 * np.std(d2, ddof=1):.1f}" in text
+    per_seed = [(a + b) / 2 for a, b in zip(d2, d0)]
+    se_avg = math.sqrt(sum((x - np.mean(per_seed)) ** 2 for x in per_seed) / 2) / math.sqrt(3)
+    assert summary.loc["erm", ("avg", "se")] == pytest.approx(se_avg)
+    text = format_table(summary).splitlines()
+    assert "± s.e." in text[0]
+    assert text[2] == "| strategy | d2 | d0 | avg |"
+    assert f"| erm | {100 * np.mean(d2):.1f} ± {100 * se_d2:.1f} |" in "\n".join(text)
 
 
 @pytest.mark.parametrize(
