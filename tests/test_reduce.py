@@ -96,11 +96,26 @@ def test_erm_is_the_ood_accuracy_of_the_best_id_val_soups_run(sweep, reduced):
     assert row.ood_acc == pytest.approx(hand_acc(runs[best][1], _ood(sweep)), abs=1e-9)
 
 
-def test_inter_training_picks_among_runs_not_started_from_the_pretrained_model(sweep, reduced):
-    runs = [r for r in runs_of(sweep, "ratatouille") if r[2] != "pretrained"]
+def test_inter_training_picks_among_every_run_of_the_recycling_sweep(sweep, reduced):
+    runs = runs_of(sweep, "ratatouille")
     scores = [hand_acc(state, sweep["val"]) for _, state, _ in runs]
     row = _row(reduced["result"], "inter_training")
     assert row.members == [runs[int(np.argmax(scores))][0]]
+
+
+def test_inter_training_keeps_a_run_started_from_phi_pt_when_it_scores_best(sweep):
+    settings = ReduceSettings(ablation_draws=1, max_pairs=0, ablation_points=2, n_lambdas=2)
+    inputs = make_inputs(sweep, settings=settings)
+    inputs.runs = [r for r in inputs.runs if r.arm != "fusing"]
+    # membership by hand: the phi_pt run of each recycling arm gets the best logged score
+    for arm, run_id in (("ratatouille", "rata03"), ("robust_ratatouille", "robu10")):
+        run = next(r for r in inputs.runs if r.run_id == run_id)
+        assert (run.arm, run.init_source) == (arm, "pretrained")
+        run.id_val_acc = 1.0
+    with pytest.warns(UserWarning, match="logged id_val_acc"):
+        result = reduce_cell(inputs)
+    assert _row(result, "inter_training").members == ["rata03"]
+    assert _row(result, "robust_inter_training").members == ["robu10"]
 
 
 def test_ensemble_averages_logits_and_differs_from_the_soup_of_the_same_runs(sweep, reduced):

@@ -3,7 +3,8 @@
 The reducer works in three phases, and the OOD test domain is only readable in the last two:
 
 1. **selection, on ID validation only**: each run's ID-val logits (computed once, cached),
-   the best-ID-val runs (``erm``, ``inter_training``, ``fusing``), the uniform and greedy soups
+   the best-ID-val runs (``erm``, ``inter_training`` over every run of the recycling arm, phi_pt
+   runs included, ``fusing``), the uniform and greedy soups
    of each averaging arm (paper Sec. 3, step 5), WiSE-FT (App. A), and the final model;
 2. **final evaluation**: each run's OOD logits (once), then each strategy's OOD accuracy;
 3. **analysis** (OOD allowed, nothing is selected any more): diversity (Sec. 4.2, App. C.1),

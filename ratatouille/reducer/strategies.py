@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ratatouille.core.names import PRETRAINED
 from ratatouille.merging.soups import greedy_soup, interpolate, uniform_soup
 from ratatouille.reducer.evaluate import ID_VAL, Evaluator
 from ratatouille.reducer.inputs import ReduceInputs, TargetRun
@@ -76,20 +75,14 @@ def best_run(runs: list[TargetRun]) -> TargetRun:
     return max(runs, key=lambda r: r.id_val_acc)  # max keeps the first of equal keys
 
 
-def _best_id_val(recycled_only: bool = False) -> Build:
-    """The run with the best logged ID-val score (of the runs started from a pool entry when
-    ``recycled_only``: inter-training)."""
-
-    def build(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected | None:
-        candidates = [r for r in runs if r.init_source != PRETRAINED] if recycled_only else runs
-        if not candidates:
-            return None
-        best = best_run(candidates)
-        return Selected(
-            name, arm, "ID val", "run", (best.run_id,), sel.ev.run_accuracy(best.run_id, ID_VAL)
-        )
-
-    return build
+def _best_id_val(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
+    """The run with the best logged ID-val score among every run of the arm. For inter-training
+    that includes the runs started from phi_pt, as the reference's ``collect_results`` selects
+    over the whole recycling sweep (source 0 is one of its sources)."""
+    best = best_run(runs)
+    return Selected(
+        name, arm, "ID val", "run", (best.run_id,), sel.ev.run_accuracy(best.run_id, ID_VAL)
+    )
 
 
 def _wise_ft(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
@@ -140,7 +133,7 @@ def _greedy(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selec
 STRATEGIES: dict[str, Strategy] = {
     strategy.name: strategy
     for strategy in (
-        Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val()),
+        Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val),
         Strategy("wise_ft", "WiSE fine-tuning", "soups", _wise_ft),
         Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble),
         Strategy("soup_uniform", "Model soups (uniform)", "soups", _uniform),
@@ -149,7 +142,7 @@ STRATEGIES: dict[str, Strategy] = {
             "inter_training",
             "Inter-training (ID val)",
             "ratatouille",
-            _best_id_val(recycled_only=True),
+            _best_id_val,
         ),
         Strategy(
             "ensemble_ratatouille",
@@ -157,14 +150,14 @@ STRATEGIES: dict[str, Strategy] = {
             "ratatouille",
             _ensemble,
         ),
-        Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val()),
+        Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val),
         Strategy("ratatouille_uniform", "Model ratatouille (uniform)", "ratatouille", _uniform),
         Strategy("ratatouille_greedy", "Model ratatouille (greedy)", "ratatouille", _greedy),
         Strategy(
             "robust_inter_training",
             "Robust inter-training (ID val)",
             "robust_ratatouille",
-            _best_id_val(recycled_only=True),
+            _best_id_val,
         ),
         Strategy(
             "robust_ratatouille_uniform",
