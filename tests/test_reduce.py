@@ -21,6 +21,7 @@ from ratatouille.reducer.reduce import (
     reduce_cell,
     summarize,
 )
+from ratatouille.reducer.strategies import Selected, choose_final
 from reduce_sweep import (
     build_model,
     build_sweep,
@@ -84,7 +85,6 @@ def test_table_lists_every_strategy_in_table1_order_with_accuracies_in_unit_inte
     assert list(table.strategy) == list(TABLE_1_ORDER)
     assert table.ood_acc.between(0, 1).all() and table.id_val_acc.between(0, 1).all()
     assert (table.n_models == table.members.map(len)).all()
-    assert reduced["result"].final_strategy in ("ratatouille_uniform", "ratatouille_greedy")
 
 
 def test_erm_is_the_ood_accuracy_of_the_best_id_val_soups_run(sweep, reduced):
@@ -172,16 +172,39 @@ def test_wise_ft_is_the_accuracy_of_hand_interpolated_weights(sweep, reduced):
     assert _row(reduced["result"], "wise_ft").ood_acc == pytest.approx(expected, abs=1e-9)
 
 
-def test_final_model_is_the_ratatouille_soup_with_higher_id_val(sweep, reduced):
+def test_final_model_by_default_is_the_uniform_ratatouille_soup_of_every_run(sweep, reduced):
     result = reduced["result"]
-    uniform, greedy = _row(result, "ratatouille_uniform"), _row(result, "ratatouille_greedy")
-    higher = greedy.id_val_acc > uniform.id_val_acc
-    expected = "ratatouille_greedy" if higher else "ratatouille_uniform"
-    assert result.final_strategy == expected
-    members = _row(result, expected).members
-    hand = hand_average([sweep["states"][m] for m in members])
+    # greedy wins ID val in this sweep, as it is built to; the default rule ignores that
+    greedy, uniform = _row(result, "ratatouille_greedy"), _row(result, "ratatouille_uniform")
+    assert greedy.id_val_acc > uniform.id_val_acc
+    assert result.final_strategy == "ratatouille_uniform"
+    assert "ratatouille_uniform" in result.final_reason and "main method" in result.final_reason
+    hand = hand_average([state for _, state, _ in runs_of(sweep, "ratatouille")])
     for key, value in hand.items():
         torch.testing.assert_close(result.final_model_state[key], value)
+
+
+def _picked(name, id_val):
+    return Selected(name, "ratatouille", "x", "state", ("r",), id_val)
+
+
+def test_default_rule_registers_the_uniform_soup_even_when_greedy_has_higher_id_val():
+    selected = [_picked("ratatouille_uniform", 0.70), _picked("ratatouille_greedy", 0.80)]
+    assert choose_final(selected, "ratatouille_uniform")[0] == "ratatouille_uniform"
+    name, why = choose_final(selected, "best_id_val")
+    assert name == "ratatouille_greedy"
+    assert "ratatouille_uniform 70.0%" in why and "ratatouille_greedy 80.0%" in why
+    # a configured strategy that the cell did not build falls back to the first uniform soup
+    soups = [_picked("soup_uniform", 0.6), _picked("soup_greedy", 0.9)]
+    name, why = choose_final(soups, "ratatouille_uniform")
+    assert name == "soup_uniform" and "not built" in why
+
+
+def test_an_unknown_final_model_rule_is_refused_naming_the_valid_ones(sweep):
+    inputs = make_inputs(sweep)
+    inputs.settings.final_model = "ensemble_soups"  # an ensemble is not one network
+    with pytest.raises(ReduceError, match="final_model='ensemble_soups'.*best_id_val"):
+        reduce_cell(inputs)
 
 
 def test_at_most_four_of_the_thirteen_run_states_are_alive_at_once(reduced):
@@ -298,7 +321,7 @@ def test_curves_are_skipped_with_a_reason_when_the_pool_has_one_entry(sweep):
     result = reduce_cell(inputs)
     assert set(result.skipped) >= {"hypothesis_1", "hypothesis_2", "three_weights", "gain_points"}
     assert result.curves == {} and "pool" in result.skipped["hypothesis_1"]
-    assert result.final_strategy in ("soup_uniform", "soup_greedy")
+    assert result.final_strategy == "soup_uniform"  # the fallback of ratatouille_uniform
     assert set(result.table.strategy) == {
         "erm",
         "wise_ft",

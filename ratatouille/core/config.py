@@ -126,6 +126,13 @@ class ReduceConfig(_Section):
     lmc_tolerance: float = Field(0.01, ge=0.0)
     ablation_draws: int = Field(5, gt=0)
     max_pairs: int = Field(30, gt=0)
+    final_model: str = Field(
+        "ratatouille_uniform",
+        min_length=1,
+        description="the registered model of each cell: a single-model strategy of the reducer, "
+        "or best_id_val (the highest-ID-val soup, biased towards greedy soups); the default is "
+        "the paper's main method",
+    )
 
 
 class ResourcesConfig(_Section):

@@ -132,6 +132,7 @@ def reduce_one_cell(
         lmc_tolerance=config.reduce.lmc_tolerance,
         ablation_draws=config.reduce.ablation_draws,
         max_pairs=config.reduce.max_pairs,
+        final_model=config.reduce.final_model,
         seed=config.seed,
         device=context.device(),
     )
@@ -212,7 +213,8 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
     for (domain, seed), result in results.items():
         suffix = "" if len(results) == 1 else f"_{cell_key(domain, seed)}"
         figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
-    report = table + "\n" + "".join(f"\nexcluded {line}" for line in excluded)
+    report = table + "\n" + _final_models_text(results)
+    report += "".join(f"\nexcluded {line}" for line in excluded)
     inputs = [item for reduction in cells.values() for item in reduction.inputs]
     run_id, changed = tracker.log_reduction(
         reduce_metrics(results), long_form(results), figures, {REPORT_MD: report + "\n"}, inputs
@@ -230,6 +232,15 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         experiment_id=tracker.experiment_id,
         model_versions=versions,
     )
+
+
+def _final_models_text(results: dict[tuple[str, int], ReduceResult]) -> str:
+    """The report's account of the registered models: which strategy, and which rule chose it."""
+    lines = [
+        f"\nfinal model {cell_key(d, s)}: {r.final_strategy} ({r.final_reason})"
+        for (d, s), r in results.items()
+    ]
+    return "".join(lines) + "\n"
 
 
 def registered_model_name(config: ExperimentConfig) -> str:
@@ -258,10 +269,12 @@ def _log_models(
             artifact_name=f"model-{cell}",
             tags={
                 "strategy": result.final_strategy,
+                "selection_rule": config.reduce.final_model,
                 "test_domain": result.test_domain,
                 "split_seed": str(result.split_seed),
             },
             input_example=reduction.input_example,
             aliases=tracker.champion_aliases(cell, latest=last),
+            description=f"{result.final_strategy}: {result.final_reason}",
         )
     return versions

@@ -37,7 +37,9 @@ class ReduceSettings:
     """``wise_alpha``: WiSE-FT ``theta = (1 - alpha) * theta_erm + alpha * theta_init`` (App. A).
 
     ``max_pairs`` caps the diversity-vs-gain pairs (each costs one OOD evaluation; 0 disables);
-    ``ablation_points`` caps the sizes M evaluated per arm in the runs ablation (Fig. 8).
+    ``ablation_points`` caps the sizes M evaluated per arm in the runs ablation (Fig. 8);
+    ``final_model`` is the rule that picks the registered model (a single-model strategy, or
+    ``best_id_val``; see :func:`ratatouille.reducer.strategies.choose_final`).
     """
 
     wise_alpha: float = 0.5
@@ -49,6 +51,7 @@ class ReduceSettings:
     batch_size: int = 64
     max_pairs: int = 30
     ablation_points: int = 6
+    final_model: str = "ratatouille_uniform"
 
 
 @dataclass

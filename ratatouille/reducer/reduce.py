@@ -5,7 +5,8 @@ The reducer works in three phases, and the OOD test domain is only readable in t
 1. **selection, on ID validation only**: each run's ID-val logits (computed once, cached),
    the best-ID-val runs (``erm``, ``inter_training`` over every run of the recycling arm, phi_pt
    runs included, ``fusing``), the uniform and greedy soups
-   of each averaging arm (paper Sec. 3, step 5), WiSE-FT (App. A), and the final model;
+   of each averaging arm (paper Sec. 3, step 5), WiSE-FT (App. A), and the final model (by
+   the rule ``ReduceSettings.final_model``, ratatouille's uniform soup by default);
 2. **final evaluation**: each run's OOD logits (once), then each strategy's OOD accuracy;
 3. **analysis** (OOD allowed, nothing is selected any more): diversity (Sec. 4.2, App. C.1),
    diversity-vs-gain points (Fig. 3c), interpolation curves (Sec. 4.3, App. D.2) and the
@@ -35,10 +36,11 @@ from ratatouille.reducer.curves import CurveResult
 from ratatouille.reducer.evaluate import ID_VAL, OOD_TEST, Evaluator
 from ratatouille.reducer.inputs import ReduceError, ReduceInputs, ReduceSettings, TargetRun
 from ratatouille.reducer.strategies import (
-    FINAL_CANDIDATES,
     Selected,
     Selection,
     StateStore,
+    choose_final,
+    final_model_rules,
     select_all,
 )
 from ratatouille.reducer.summary import format_table, long_form, summarize
@@ -75,6 +77,7 @@ class ReduceResult:
     ablation_sources: pandas.DataFrame  # arm, n_sources, ood_acc_mean, ood_acc_std, n_draws, ...
     final_model_state: dict[str, Tensor]
     final_strategy: str
+    final_reason: str = ""  # which rule chose the final model, and with what numbers
     skipped: dict[str, str] = field(default_factory=dict)  # analysis item -> why it is absent
     test_domain: str = ""
     split_seed: int = 0
@@ -95,6 +98,11 @@ def _validate(inputs: ReduceInputs) -> None:
         if not math.isfinite(run.id_val_acc):
             raise ReduceError(f"run {run.run_id!r} has id_val_acc={run.id_val_acc}; need a number")
         seen.add(run.run_id)
+    if s.final_model not in final_model_rules():
+        raise ReduceError(
+            f"reduce.final_model={s.final_model!r} is not a rule; use one of "
+            f"{final_model_rules()} (default ratatouille_uniform, the paper's main method)"
+        )
     if not inputs.id_val or not inputs.ood_test:
         raise ReduceError("ReduceInputs.id_val and ood_test must each hold at least one dataset")
     checks = {
@@ -142,16 +150,6 @@ def _select_on_id_val(
     return select_all(arms, Selection(inputs, ev, store))
 
 
-def _choose_final(selected: list[Selected]) -> str:
-    """The final model: the higher-ID-val of ratatouille uniform/greedy (ties -> uniform)."""
-    by_name = {s.strategy: s for s in selected}
-    for names in FINAL_CANDIDATES:
-        present = [by_name[n] for n in names if n in by_name]
-        if present:
-            return max(present, key=lambda s: s.id_val_acc).strategy  # first of equals: uniform
-    raise ReduceError("no averaging or fusing strategy could be built; the sweep has no such arm")
-
-
 def _evaluate_on_ood(
     selected: list[Selected], runs: list[TargetRun], ev: Evaluator, store: StateStore
 ) -> pandas.DataFrame:
@@ -197,7 +195,7 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
     with tempfile.TemporaryDirectory(prefix="ratatouille-reduce-") as folder:
         store = StateStore(Path(folder))
         selected = _select_on_id_val(inputs, arms, ev, store)
-        final_strategy = _choose_final(selected)
+        final_strategy, final_reason = choose_final(selected, s.final_model)
         ev.open_ood()  # every selection decision is final from here on
         table = _evaluate_on_ood(selected, inputs.runs, ev, store)
         final = next(x for x in selected if x.strategy == final_strategy)
@@ -211,6 +209,7 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
         table=table,
         final_model_state=final_state,
         final_strategy=final_strategy,
+        final_reason=final_reason,
         test_domain=inputs.test_domain,
         split_seed=inputs.split_seed,
         **analysis,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ratatouille.merging.soups import greedy_soup, interpolate, uniform_soup
 from ratatouille.reducer.evaluate import ID_VAL, Evaluator
-from ratatouille.reducer.inputs import ReduceInputs, TargetRun
+from ratatouille.reducer.inputs import ReduceError, ReduceInputs, TargetRun
 
 
 @dataclass
@@ -64,10 +64,14 @@ Build = Callable[[str, str, list[TargetRun], Selection], Selected | None]
 
 @dataclass(frozen=True)
 class Strategy:
+    """``single_model``: it yields one network (a run or averaged weights), so it may be the
+    registered final model; ensembles and means over runs may not."""
+
     name: str
     label: str
     arm: str
     build: Build
+    single_model: bool = True
 
 
 def best_run(runs: list[TargetRun]) -> TargetRun:
@@ -135,7 +139,7 @@ STRATEGIES: dict[str, Strategy] = {
     for strategy in (
         Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val),
         Strategy("wise_ft", "WiSE fine-tuning", "soups", _wise_ft),
-        Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble),
+        Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble, False),
         Strategy("soup_uniform", "Model soups (uniform)", "soups", _uniform),
         Strategy("soup_greedy", "Model soups (greedy)", "soups", _greedy),
         Strategy(
@@ -149,6 +153,7 @@ STRATEGIES: dict[str, Strategy] = {
             "Ensemble* of inter-training (uniform)",
             "ratatouille",
             _ensemble,
+            single_model=False,
         ),
         Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val),
         Strategy("ratatouille_uniform", "Model ratatouille (uniform)", "ratatouille", _uniform),
@@ -167,21 +172,72 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         Strategy(
             "robust_ratatouille_greedy",
-            "Robust model ratatouille (greedy)",
+            "Robust model ratatouille (restricted = greedy)",
             "robust_ratatouille",
             _greedy,
         ),
     )
 }
 
-#: The final model: the first group with a strategy present, its best ID-val member (ties go
-#: to the first, the uniform soup).
+#: ``reduce.final_model``'s default: the paper's main method, fixed before any score is seen.
+DEFAULT_FINAL = "ratatouille_uniform"
+#: The rule that registers the highest-ID-val averaged model: biased towards greedy soups, which
+#: are built to maximize ID val.
+BEST_ID_VAL = "best_id_val"
+#: When the configured strategy was not built in a cell (its arm is absent), the first of
+#: these that was: uniform averages first, as the default.
+FINAL_FALLBACK: tuple[str, ...] = (
+    "ratatouille_uniform",
+    "robust_ratatouille_uniform",
+    "soup_uniform",
+    "fusing",
+)
+#: The groups the ``best_id_val`` rule compares within: the first group with a strategy built.
 FINAL_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("ratatouille_uniform", "ratatouille_greedy"),
     ("robust_ratatouille_uniform", "robust_ratatouille_greedy"),
     ("soup_uniform", "soup_greedy"),
     ("fusing",),
 )
+
+
+def final_model_rules() -> list[str]:
+    """Valid values of ``reduce.final_model``: ``best_id_val`` or a single-model strategy."""
+    return [BEST_ID_VAL, *(s.name for s in STRATEGIES.values() if s.single_model)]
+
+
+def _best_of_candidates(by_name: dict[str, Selected]) -> tuple[str, str] | None:
+    for names in FINAL_CANDIDATES:
+        present = [by_name[n] for n in names if n in by_name]
+        if present:
+            best = max(present, key=lambda s: s.id_val_acc)  # first of equals: the uniform soup
+            scores = ", ".join(f"{s.strategy} {100 * s.id_val_acc:.1f}%" for s in present)
+            return best.strategy, (
+                f"reduce.final_model={BEST_ID_VAL}: highest ID-val accuracy of {scores} (a "
+                "greedy soup maximizes ID val by construction, so this rule favours it)"
+            )
+    return None
+
+
+def choose_final(selected: list[Selected], rule: str) -> tuple[str, str]:
+    """The final model of a cell and why: ``rule`` is ``reduce.final_model``."""
+    by_name = {s.strategy: s for s in selected}
+    if rule == BEST_ID_VAL:
+        chosen = _best_of_candidates(by_name)
+        if chosen is not None:
+            return chosen
+    elif rule in by_name:
+        why = "the paper's main method" if rule == DEFAULT_FINAL else "as configured"
+        return rule, f"reduce.final_model={rule} ({why}; fixed before any score is seen)"
+    else:
+        for name in FINAL_FALLBACK:
+            if name in by_name:
+                return name, (
+                    f"reduce.final_model={rule} was not built in this cell (arm "
+                    f"{STRATEGIES[rule].arm!r} has no runs); {name} is the first of "
+                    f"{list(FINAL_FALLBACK)} that was"
+                )
+    raise ReduceError("no averaging or fusing strategy could be built; the sweep has no such arm")
 
 
 def strategy_label(name: str) -> str:

@@ -457,9 +457,11 @@ class Tracker:
         tags: Mapping[str, str],
         input_example: np.ndarray,
         aliases: Sequence[str] = (),
+        description: str = "",
     ) -> str:
         """The final model as a registered version (a new one only for weights not registered
-        yet under this name), with ``aliases`` moved onto it; returns the version."""
+        yet under this name), with ``aliases`` moved onto it and ``description`` (which rule
+        chose it, and why) as the version's description; returns the version."""
         digest = weights_sha256(model.state_dict())
         found = self.client.search_model_versions(
             f"name = '{registered_name}' and tags.{WEIGHTS_SHA256} = '{digest}'"
@@ -475,6 +477,8 @@ class Tracker:
                 {**tags, WEIGHTS_SHA256: digest},
                 input_example,
             )
+        if description:
+            self.client.update_model_version(registered_name, version, description=description)
         for alias in aliases:
             self.client.set_registered_model_alias(registered_name, alias, version)
         return version
