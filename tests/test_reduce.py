@@ -406,3 +406,28 @@ def test_bad_inputs_raise_one_error_naming_the_field(sweep, change, field):
     change(inputs)
     with pytest.raises(ReduceError, match=field):
         reduce_cell(inputs)
+
+
+def test_ma_rows_are_the_mean_and_the_ensemble_of_the_runs_moving_averages(sweep):
+    settings = ReduceSettings(ablation_draws=1, max_pairs=0, ablation_points=2, n_lambdas=2)
+    inputs = make_inputs(sweep, settings=settings)
+    inputs.runs = [r for r in inputs.runs if r.arm == "soups"]
+    # stand-ins for trajectory averages: each run pulled 30% back towards its init (w_lp, phi_pt)
+    averages = {
+        r.run_id: hand_average([sweep["states"][r.run_id], sweep["pt_lp"]], [0.7, 0.3])
+        for r in inputs.runs
+    }
+    for run in inputs.runs[:2]:  # the third run kept no moving average
+        run.load_ma_state = lambda s=averages[run.run_id]: dict(s)
+    kept = [averages[r.run_id] for r in inputs.runs[:2]]
+    table = reduce_cell(inputs).table.set_index("strategy")
+    assert list(table.index[:3]) == ["erm", "ma", "ensemble_ma"]
+    assert table.loc["ma"].members == [r.run_id + "@ma" for r in inputs.runs[:2]]
+    for split, domains in (("ood_acc", _ood(sweep)), ("id_val_acc", sweep["val"])):
+        mean = (hand_acc(kept[0], domains) + hand_acc(kept[1], domains)) / 2
+        assert table.loc["ma", split] == pytest.approx(mean, abs=1e-9)
+        right = [
+            (torch.stack([hand_logits(s, x) for s in kept]).mean(0).argmax(1) == y).double().mean()
+            for x, y in domains
+        ]
+        assert table.loc["ensemble_ma", split] == pytest.approx(float(np.mean(right)), abs=1e-9)

@@ -121,7 +121,15 @@ ARMS: dict[str, Arm] = {
             recycles=False,
             averaged=True,
             init_policy=balanced_over_sources,
-            strategies=("erm", "wise_ft", "ensemble_soups", "soup_uniform", "soup_greedy"),
+            strategies=(
+                "erm",
+                "ma",
+                "ensemble_ma",
+                "wise_ft",
+                "ensemble_soups",
+                "soup_uniform",
+                "soup_greedy",
+            ),
             color="tab:blue",
         ),
         Arm(

@@ -105,6 +105,14 @@ class TargetConfig(_Section):
         default_factory=dict, description="replace a hyperparameter's grid, e.g. lr: [1e-4, 3e-4]"
     )
     fusing_spread: float = Field(4.0, gt=0.0, description="kappa_i ~ U(0, spread), paper F.1")
+    moving_average: bool = Field(
+        False,
+        description="the soups arm's runs also keep a moving average of their weights (MA, "
+        "Arpit et al.), for the reducer's ma and ensemble_ma rows",
+    )
+    ma_start: int = Field(
+        100, ge=0, description="first step of the moving average (capped at half the run)"
+    )
 
     @field_validator("arms")
     @classmethod

@@ -86,9 +86,17 @@ def _target_runs(outcomes: list[TrialOutcome]) -> list[TargetRun]:
                 # loaded inside the reducer's task, where the checkpoint is read
                 load_state=functools.partial(read_weights, outcome.checkpoint, WeightsFile.MODEL),
                 hparams=dict(vars(spec.hparams)),
+                load_ma_state=_ma_loader(outcome),
             )
         )
     return runs
+
+
+def _ma_loader(outcome: TrialOutcome) -> Callable[[], StateDict] | None:
+    """A run's moving-average weights, when it kept them (its closing report scores them)."""
+    if MetricKey.MA_ID_VAL_ACC not in outcome.metrics or outcome.checkpoint is None:
+        return None
+    return functools.partial(read_weights, outcome.checkpoint, WeightsFile.MODEL_MA)
 
 
 def _recycled_sources(runs: list[TargetRun]) -> list[str]:

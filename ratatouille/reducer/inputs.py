@@ -30,6 +30,8 @@ class TargetRun:
     id_val_acc: float  # best ID-val accuracy logged by the run: its selection score
     load_state: Callable[[], dict[str, Tensor]]  # the run's best-ID-val Classifier state
     hparams: dict = field(default_factory=dict)
+    # the run's moving average of weights (target.moving_average; MA, Arpit et al.), if kept
+    load_ma_state: Callable[[], dict[str, Tensor]] | None = None
 
 
 @dataclass

@@ -41,6 +41,7 @@ from ratatouille.reducer.strategies import (
     StateStore,
     choose_final,
     final_model_rules,
+    ma_views,
     select_all,
 )
 from ratatouille.reducer.summary import format_table, long_form, summarize
@@ -162,6 +163,8 @@ def _evaluate_on_ood(
             ood = ev.run_accuracy(s.members[0], OOD_TEST)
         elif s.kind == "ensemble":
             ood = ev.ensemble_accuracy(list(s.members), OOD_TEST)
+        elif s.kind == "mean":
+            ood = sum(ev.run_accuracy(m, OOD_TEST) for m in s.members) / len(s.members)
         else:
             ood = ev.accuracy(store.load(s.strategy), OOD_TEST)
         rows.append(
@@ -197,7 +200,7 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
         selected = _select_on_id_val(inputs, arms, ev, store)
         final_strategy, final_reason = choose_final(selected, s.final_model)
         ev.open_ood()  # every selection decision is final from here on
-        table = _evaluate_on_ood(selected, inputs.runs, ev, store)
+        table = _evaluate_on_ood(selected, inputs.runs + ma_views(inputs.runs), ev, store)
         final = next(x for x in selected if x.strategy == final_strategy)
         final_state = (
             runs_by_id[final.members[0]].load_state()

@@ -10,6 +10,7 @@ the arm's ``strategies`` (:mod:`ratatouille.core.arms`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,9 @@ from ratatouille.reducer.inputs import ReduceError, ReduceInputs, TargetRun
 @dataclass
 class Selected:
     """A strategy decided on ID val; ``kind`` says how its OOD accuracy is obtained: ``run``
-    (a run's cached logits), ``ensemble`` (mean logits of ``members``) or ``state`` (weights
-    parked in the :class:`StateStore` under the strategy's name)."""
+    (a run's cached logits), ``ensemble`` (mean logits of ``members``), ``mean`` (the mean of
+    the members' accuracies) or ``state`` (weights parked in the :class:`StateStore` under the
+    strategy's name). Members may be moving-average views of runs (:func:`ma_views`)."""
 
     strategy: str
     arm: str
@@ -89,6 +91,48 @@ def _best_id_val(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> 
     )
 
 
+#: Suffix of the run id of a run's moving-average view.
+MA_SUFFIX = "@ma"
+
+
+def ma_views(runs: list[TargetRun]) -> list[TargetRun]:
+    """Each run that kept a moving average of its weights, as a run of its own whose weights
+    are that average (id ``<run_id>@ma``), so the evaluator caches its logits like a run's."""
+    return [
+        TargetRun(r.run_id + MA_SUFFIX, r.arm, r.init_source, math.nan, r.load_ma_state)
+        for r in runs
+        if r.load_ma_state is not None
+    ]
+
+
+def _ma_members(runs: list[TargetRun], sel: Selection) -> tuple[str, ...]:
+    views = ma_views(runs)
+    for view in views:
+        sel.ev.run_logits(view.run_id, view.load_state, ID_VAL)
+    return tuple(view.run_id for view in views)
+
+
+def _ma(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected | None:
+    """MA (Arpit et al.): each run's uniform trajectory average, scored as the mean over runs,
+    as the paper's MA row reports a mean over runs."""
+    members = _ma_members(runs, sel)
+    if not members:
+        return None
+    id_val = sum(sel.ev.run_accuracy(m, ID_VAL) for m in members) / len(members)
+    return Selected(name, arm, "uniform trajectory", "mean", members, id_val)
+
+
+def _ensemble_of_averages(
+    name: str, arm: str, runs: list[TargetRun], sel: Selection
+) -> Selected | None:
+    """Ensemble of averages (Arpit et al.): the mean logits of the runs' moving averages."""
+    members = _ma_members(runs, sel)
+    if not members:
+        return None
+    accuracy = sel.ev.ensemble_accuracy(members, ID_VAL)
+    return Selected(name, arm, "ensemble", "ensemble", members, accuracy)
+
+
 def _wise_ft(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
     """WiSE-FT (App. A): ``(1 - alpha) * theta_erm + alpha * theta_init``."""
     best = best_run(runs)
@@ -138,6 +182,10 @@ STRATEGIES: dict[str, Strategy] = {
     strategy.name: strategy
     for strategy in (
         Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val),
+        Strategy("ma", "MA (uniform trajectory, mean over runs)", "soups", _ma, False),
+        Strategy(
+            "ensemble_ma", "Ensemble* of averages (EoA)", "soups", _ensemble_of_averages, False
+        ),
         Strategy("wise_ft", "WiSE fine-tuning", "soups", _wise_ft),
         Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble, False),
         Strategy("soup_uniform", "Model soups (uniform)", "soups", _uniform),
