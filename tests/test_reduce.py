@@ -19,6 +19,7 @@ from ratatouille.reducer.reduce import (
     ReduceSettings,
     format_table,
     reduce_cell,
+    reduce_domain_dagger,
     summarize,
 )
 from ratatouille.reducer.strategies import Selected, choose_final
@@ -431,3 +432,35 @@ def test_ma_rows_are_the_mean_and_the_ensemble_of_the_runs_moving_averages(sweep
             for x, y in domains
         ]
         assert table.loc["ensemble_ma", split] == pytest.approx(float(np.mean(right)), abs=1e-9)
+
+
+def test_uniform_dagger_averages_every_run_of_every_split_and_joins_the_table(sweep, reduced):
+    inputs = make_inputs(sweep)
+    by_id = {r.run_id: r for r in inputs.runs}
+    # two "splits" of the sweep; run ids repeat across splits as in a real sweep
+    seed0 = [by_id[i] for i in ("soup00", "soup01", "rata03", "rata04", "robu10")]
+    seed1 = [by_id[i] for i in ("soup02", "rata05", "rata06", "rata07", "fusi08")]
+    frame = reduce_domain_dagger("d2", {0: seed0, 1: seed1}, build_model, inputs.ood_test)
+    frame = frame.set_index("strategy")
+    # robust_ratatouille has no run in split 1, fusing is not averaged: no † row for them
+    assert list(frame.index) == ["soup_uniform_dagger", "ratatouille_uniform_dagger"]
+    for name, ids in (
+        ("soup_uniform_dagger", ("soup00", "soup01", "soup02")),
+        ("ratatouille_uniform_dagger", ("rata03", "rata04", "rata05", "rata06", "rata07")),
+    ):
+        hand = hand_acc(hand_average([sweep["states"][i] for i in ids]), _ood(sweep))
+        row = frame.loc[name]
+        assert row.ood_acc == pytest.approx(hand, abs=1e-9)
+        assert row.n_models == len(ids) and row.split_seed == -1 and math.isnan(row.id_val_acc)
+    assert frame.loc["soup_uniform_dagger"].members == ["0:soup00", "0:soup01", "1:soup02"]
+    # in the summary: one value per test domain (no error bar), after its arm's greedy row
+    cells = {("d2", 0): reduced["result"], ("d2", 1): reduced["result"]}
+    summary = summarize(cells, frame.reset_index())
+    order = list(summary.index)
+    assert order.index("soup_uniform_dagger") == order.index("soup_greedy") + 1
+    assert order.index("ratatouille_uniform_dagger") == order.index("ratatouille_greedy") + 1
+    dagger = summary.loc["ratatouille_uniform_dagger"]
+    assert dagger[("d2", "mean")] == pytest.approx(frame.loc["ratatouille_uniform_dagger"].ood_acc)
+    assert math.isnan(dagger[("d2", "se")]) and math.isnan(dagger[("avg", "se")])
+    with pytest.raises(ReduceError, match="at least two split seeds"):
+        reduce_domain_dagger("d2", {0: seed0}, build_model, inputs.ood_test)

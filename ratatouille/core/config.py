@@ -134,6 +134,11 @@ class ReduceConfig(_Section):
     lmc_tolerance: float = Field(0.01, ge=0.0)
     ablation_draws: int = Field(5, gt=0)
     max_pairs: int = Field(30, gt=0)
+    uniform_dagger: bool = Field(
+        True,
+        description="with several split seeds, also the uniform† rows: every run of every "
+        "split of a test domain averaged (paper Tables 1-2)",
+    )
     final_model: str = Field(
         "ratatouille_uniform",
         min_length=1,

@@ -36,6 +36,7 @@ from ratatouille.reducer.reduce import (
     ReduceSettings,
     TargetRun,
     reduce_cell,
+    reduce_domain_dagger,
 )
 from ratatouille.reducer.summary import format_table, long_form, summarize
 
@@ -159,9 +160,56 @@ def reduce_one_cell(
     return CellReduction(reduce_cell(inputs), _cell_inputs(config, dataset, cell), example)
 
 
-def reduce_metrics(results: dict[tuple[str, int], ReduceResult]) -> dict[str, float]:
-    """MLflow metrics: means over cells, and per cell when there are several."""
-    long = long_form(results)
+def reduce_domain_dagger_task(
+    config: ExperimentConfig, cells: list[Cell], runs_by_seed: dict[int, list[TargetRun]]
+) -> pd.DataFrame:
+    """uniform† of one test domain, where the data lives: the held-out domain in full is the
+    OOD test set of every split, so the first cell's serves them all."""
+    context = context_for(config)
+    dataset = context.dataset(config.data.dataset)
+    cell = cells[0]
+    splits = target_splits(dataset, [cell.test_env], cell.split_seed, config.data.holdout_fraction)
+    build = functools.partial(
+        build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
+    )
+    return reduce_domain_dagger(
+        cell.test_domain, runs_by_seed, build, splits.ood_test, device=context.device()
+    )
+
+
+def _launch_daggers(
+    config: ExperimentConfig, cells: list[Cell], by_cell: dict[str, list[TrialOutcome]]
+) -> list[Callable[[], pd.DataFrame]]:
+    """One uniform† task per test domain swept over several split seeds (none otherwise)."""
+    if not config.reduce.uniform_dagger:
+        return []
+    by_domain: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_domain.setdefault(cell.test_domain, []).append(cell)
+    return [
+        run_remote(
+            reduce_domain_dagger_task,
+            config.resources,
+            config,
+            domain_cells,
+            {c.split_seed: _target_runs(by_cell[c.key]) for c in domain_cells},
+        )
+        for domain_cells in by_domain.values()
+        if len(domain_cells) > 1
+    ]
+
+
+def _collect_daggers(pending: list[Callable[[], pd.DataFrame]]) -> pd.DataFrame | None:
+    frames = [future() for future in pending]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def reduce_metrics(
+    results: dict[tuple[str, int], ReduceResult], dagger: pd.DataFrame | None = None
+) -> dict[str, float]:
+    """MLflow metrics: means over cells, and per cell when there are several (a uniform† row's
+    cell is ``<domain>-split-1``: every split)."""
+    long = long_form(results, dagger)
     metrics: dict[str, float] = {}
     for strategy, rows in long.groupby("strategy"):
         metrics[f"ood_acc/{strategy}"] = rows.ood_acc.mean()
@@ -205,6 +253,7 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         )
         for cell in state.cells
     }
+    pending_daggers = _launch_daggers(config, state.cells, by_cell)
     cells = {}
     for index, (cell, future) in enumerate(pending.items(), start=1):
         reduction = cells[(cell.test_domain, cell.split_seed)] = future()
@@ -216,7 +265,8 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
             flush=True,
         )
     results = {key: reduction.result for key, reduction in cells.items()}
-    table = format_table(summarize(results))
+    dagger = _collect_daggers(pending_daggers)
+    table = format_table(summarize(results, dagger))
     figures = {}
     for (domain, seed), result in results.items():
         suffix = "" if len(results) == 1 else f"_{cell_key(domain, seed)}"
@@ -225,7 +275,11 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
     report += "".join(f"\nexcluded {line}" for line in excluded)
     inputs = [item for reduction in cells.values() for item in reduction.inputs]
     run_id, changed = tracker.log_reduction(
-        reduce_metrics(results), long_form(results), figures, {REPORT_MD: report + "\n"}, inputs
+        reduce_metrics(results, dagger),
+        long_form(results, dagger),
+        figures,
+        {REPORT_MD: report + "\n"},
+        inputs,
     )
     versions = _log_models(config, tracker, run_id, list(cells.values()))
     if changed:

@@ -23,19 +23,23 @@ from __future__ import annotations
 import math
 import tempfile
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ratatouille.core.arms import ARMS
 from ratatouille.core.names import PRETRAINED  # init_source of runs from (w_lp, phi_pt): T0
+from ratatouille.merging.soups import uniform_soup
 from ratatouille.reducer.ablations import analyse
 from ratatouille.reducer.curves import CurveResult
-from ratatouille.reducer.evaluate import ID_VAL, OOD_TEST, Evaluator
+from ratatouille.reducer.evaluate import ID_VAL, OOD_TEST, Evaluator, Predict
 from ratatouille.reducer.inputs import ReduceError, ReduceInputs, ReduceSettings, TargetRun
 from ratatouille.reducer.strategies import (
+    DAGGER_STRATEGIES,
     Selected,
     Selection,
     StateStore,
@@ -56,6 +60,7 @@ __all__ = [
     "format_table",
     "long_form",
     "reduce_cell",
+    "reduce_domain_dagger",
     "summarize",
 ]
 
@@ -217,3 +222,66 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
         split_seed=inputs.split_seed,
         **analysis,
     )
+
+
+# -- uniform† (across the split seeds of a test domain) -------------------------------------
+
+#: The split seed of the uniform† rows: every split at once (the reference's --trial_seed -1).
+DAGGER_SPLIT_SEED = -1
+
+
+def _check_dagger_inputs(test_domain: str, runs_by_seed: Mapping[int, list[TargetRun]]) -> None:
+    if len(runs_by_seed) < 2:
+        raise ReduceError(
+            f"uniform† of {test_domain!r} needs the runs of at least two split seeds, got "
+            f"{sorted(runs_by_seed)}; with one split it is the uniform soup already reported"
+        )
+
+
+def reduce_domain_dagger(
+    test_domain: str,
+    runs_by_seed: Mapping[int, list[TargetRun]],
+    build_model: Callable[[], nn.Module],
+    ood_test: list[Dataset],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    predict: Predict | None = None,
+) -> pandas.DataFrame:
+    """The uniform† rows of one test domain: for each averaging arm with runs in every split,
+    the uniform average of all its runs of all split seeds, scored on ``ood_test``.
+
+    The OOD test set is the held-out domain in full, the same images whatever the split seed
+    (a split only divides the *training* domains into train and ID val), so the cross-split
+    model is evaluated once, on it, as the reference does. It has no ID-val accuracy: each
+    split's ID val holds images the other splits trained on (``id_val_acc`` is nan). Members
+    are ``<split_seed>:<run_id>``, since run ids repeat across splits. Weights stream: one
+    run is loaded at a time.
+    """
+    _check_dagger_inputs(test_domain, runs_by_seed)
+    ev = Evaluator(build_model, [], ood_test, batch_size=batch_size, device=device, predict=predict)
+    ev.open_ood()  # nothing is selected: every run of every split is averaged
+    rows = []
+    for dagger in DAGGER_STRATEGIES.values():
+        picked = {
+            seed: [r for r in runs if r.arm == dagger.arm] for seed, runs in runs_by_seed.items()
+        }
+        if not all(picked.values()):
+            continue
+        loaders = [run.load_state for runs in picked.values() for run in runs]
+        state = uniform_soup(load() for load in loaders)
+        members = [f"{seed}:{run.run_id}" for seed, runs in picked.items() for run in runs]
+        rows.append(
+            {
+                "test_domain": test_domain,
+                "split_seed": DAGGER_SPLIT_SEED,
+                "strategy": dagger.name,
+                "ood_acc": ev.accuracy(state, OOD_TEST),
+                "id_val_acc": math.nan,
+                "n_models": len(members),
+                "members": members,
+                "arm": dagger.arm,
+                "selection": "uniform†",
+            }
+        )
+    return pandas.DataFrame(rows)

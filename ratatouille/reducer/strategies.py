@@ -288,8 +288,56 @@ def choose_final(selected: list[Selected], rule: str) -> tuple[str, str]:
     raise ReduceError("no averaging or fusing strategy could be built; the sweep has no such arm")
 
 
+@dataclass(frozen=True)
+class DaggerStrategy:
+    """A ``uniform†`` row (paper Tables 1-2): the uniform average of every run of ``arm`` over
+    every split seed of a test domain (the reference's ``--trial_seed -1``: 20 runs x 3 splits
+    = 60 weights). No split's ID val is shared, so nothing is selected; it is one number per
+    test domain, built across cells by :func:`ratatouille.reducer.reduce.reduce_domain_dagger`.
+    ``after``: the per-split row it follows in the table."""
+
+    name: str
+    label: str
+    arm: str
+    after: str
+
+
+DAGGER_STRATEGIES: dict[str, DaggerStrategy] = {
+    d.name: d
+    for d in (
+        DaggerStrategy("soup_uniform_dagger", "Model soups (uniform†)", "soups", "soup_greedy"),
+        DaggerStrategy(
+            "ratatouille_uniform_dagger",
+            "Model ratatouille (uniform†)",
+            "ratatouille",
+            "ratatouille_greedy",
+        ),
+        DaggerStrategy(
+            "robust_ratatouille_uniform_dagger",
+            "Robust model ratatouille (uniform†)",
+            "robust_ratatouille",
+            "robust_ratatouille_greedy",
+        ),
+    )
+}
+
+
+def _table_order() -> tuple[str, ...]:
+    order: list[str] = []
+    for name in STRATEGIES:
+        order.append(name)
+        order.extend(d.name for d in DAGGER_STRATEGIES.values() if d.after == name)
+    return tuple(order)
+
+
+#: Every row of the comparison table, in the paper's order (a † row after its arm's rows).
+TABLE_ORDER: tuple[str, ...] = _table_order()
+
+
 def strategy_label(name: str) -> str:
     """The registered label of a strategy (its name when it is not registered)."""
+    if name in DAGGER_STRATEGIES:
+        return DAGGER_STRATEGIES[name].label
     return STRATEGIES[name].label if name in STRATEGIES else name
 
 

@@ -15,27 +15,34 @@ from typing import Any
 import numpy as np
 import pandas
 
-from ratatouille.reducer.strategies import STRATEGIES
+from ratatouille.reducer.strategies import TABLE_ORDER
 
 AVG = "avg"
 #: The error-bar statistic of the summary: standard error of the mean over split seeds.
 SE = "se"
 #: How tables and plots label the error bars.
 SE_LABEL = "± s.e. over split seeds"
+_COLUMNS = ["test_domain", "split_seed", "strategy", "ood_acc", "id_val_acc", "n_models"]
 
 
-def long_form(results: Mapping[tuple[str, int], Any]) -> pandas.DataFrame:
-    """One row per (test_domain, split_seed, strategy): ood_acc, id_val_acc, n_models."""
+def long_form(
+    results: Mapping[tuple[str, int], Any], dagger: pandas.DataFrame | None = None
+) -> pandas.DataFrame:
+    """One row per (test_domain, split_seed, strategy): ood_acc, id_val_acc, n_models.
+
+    ``dagger``: the ``uniform†`` rows of :func:`ratatouille.reducer.reduce.reduce_domain_dagger`
+    (split_seed -1: every split at once), appended as they are."""
     frames = []
     for (domain, seed), result in results.items():
         table = result.table[["strategy", "ood_acc", "id_val_acc", "n_models"]].copy()
         table.insert(0, "split_seed", int(seed))
         table.insert(0, "test_domain", str(domain))
         frames.append(table)
-    columns = ["test_domain", "split_seed", "strategy", "ood_acc", "id_val_acc", "n_models"]
+    if dagger is not None and not dagger.empty:
+        frames.append(dagger[_COLUMNS])
     if not frames:
-        return pandas.DataFrame(columns=columns)
-    return pandas.concat(frames, ignore_index=True)[columns]
+        return pandas.DataFrame(columns=_COLUMNS)
+    return pandas.concat(frames, ignore_index=True)[_COLUMNS]
 
 
 def _ordered(values: list[str], order: tuple[str, ...]) -> list[str]:
@@ -63,17 +70,20 @@ def _avg_se(long: pandas.DataFrame, strategy: str, domains: list[str]) -> float:
     return standard_error(per_seed.to_numpy())
 
 
-def summarize(results: Mapping[tuple[str, int], Any]) -> pandas.DataFrame:
+def summarize(
+    results: Mapping[tuple[str, int], Any], dagger: pandas.DataFrame | None = None
+) -> pandas.DataFrame:
     """Strategies x (test domain, stat) with stat in ("mean", "se"), OOD accuracy in [0, 1].
 
     ``results`` maps ``(test_domain, split_seed)`` to a ``ReduceResult``. ``se`` is the
     standard error over split seeds, ``std(ddof=1) / sqrt(n)``, nan with one seed. ``avg``
     averages the domain means (nan unless the strategy exists in every domain). Domains keep
-    their first order of appearance in ``results``.
+    their first order of appearance in ``results``. ``dagger`` adds the ``uniform†`` rows: one
+    value per test domain, so no error bar.
     """
     if not results:
         raise ValueError("summarize needs at least one reduced cell; run the reducer first")
-    return summarize_long(long_form(results))
+    return summarize_long(long_form(results, dagger))
 
 
 def summarize_long(long: pandas.DataFrame) -> pandas.DataFrame:
@@ -81,7 +91,7 @@ def summarize_long(long: pandas.DataFrame) -> pandas.DataFrame:
     if long.empty:
         raise ValueError("summarize needs at least one reduced cell; run the reducer first")
     domains = list(dict.fromkeys(str(domain) for domain in long.test_domain))
-    strategies = _ordered(list(dict.fromkeys(long.strategy)), tuple(STRATEGIES))
+    strategies = _ordered(list(dict.fromkeys(long.strategy)), TABLE_ORDER)
     grouped = long.groupby(["strategy", "test_domain"]).ood_acc
     means, errors = grouped.mean(), grouped.agg(standard_error)
     columns = pandas.MultiIndex.from_product([[*domains, AVG], ["mean", SE]])
