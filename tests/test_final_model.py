@@ -28,9 +28,19 @@ def test_the_model_version_carries_the_rule_as_tag_and_description(tmp_path):
     assert stored.tags["selection_rule"] == "ratatouille_uniform"
 
 
-def test_config_defaults_to_the_uniform_ratatouille_soup_and_refuses_an_empty_rule(tmp_path):
+@pytest.mark.parametrize("rule", ["", "ratatouile_uniform", "ensemble_soups", "ma"])
+def test_config_refuses_a_rule_that_is_not_one_network_before_anything_trains(tmp_path, rule):
     raw = tiny_config(tmp_path).model_dump(mode="json")
     assert parse_config(raw).reduce.final_model == "ratatouille_uniform"
-    raw["reduce"]["final_model"] = ""
-    with pytest.raises(ConfigError, match="reduce.final_model"):
+    raw["reduce"]["final_model"] = rule
+    with pytest.raises(ConfigError, match="reduce.final_model.*best_id_val"):
         parse_config(raw)
+
+
+def test_every_strategy_is_a_final_model_rule_or_not_one_network():
+    from ratatouille.core.arms import MULTI_MODEL_STRATEGIES, final_model_rules
+    from ratatouille.reducer.strategies import STRATEGIES
+
+    rules = set(final_model_rules())
+    assert rules == {"best_id_val", *STRATEGIES} - MULTI_MODEL_STRATEGIES
+    assert {"ratatouille_uniform", "soup_greedy", "fusing", "erm"} <= rules

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ratatouille.core.arms import ARMS
+from ratatouille.core.arms import ARMS, final_model_rules
 from ratatouille.core.errors import UserError
 
 
@@ -141,11 +141,21 @@ class ReduceConfig(_Section):
     )
     final_model: str = Field(
         "ratatouille_uniform",
-        min_length=1,
         description="the registered model of each cell: a single-model strategy of the reducer, "
         "or best_id_val (the highest-ID-val soup, biased towards greedy soups); the default is "
         "the paper's main method",
     )
+
+    @field_validator("final_model")
+    @classmethod
+    def _final_model_is_a_rule(cls, rule: str) -> str:
+        # checked here, before any training: the reducer would only refuse it at the very end
+        if rule not in final_model_rules():
+            raise ValueError(
+                f"{rule!r} is not a final-model rule: use one of {final_model_rules()} (an "
+                "ensemble or a mean over runs is not one network)"
+            )
+        return rule
 
 
 class ResourcesConfig(_Section):

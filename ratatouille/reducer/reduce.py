@@ -31,7 +31,7 @@ import pandas
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ratatouille.core.arms import ARMS
+from ratatouille.core.arms import ARMS, final_model_rules
 from ratatouille.core.names import PRETRAINED  # init_source of runs from (w_lp, phi_pt): T0
 from ratatouille.merging.soups import uniform_soup
 from ratatouille.reducer.ablations import analyse
@@ -44,7 +44,6 @@ from ratatouille.reducer.strategies import (
     Selection,
     StateStore,
     choose_final,
-    final_model_rules,
     ma_views,
     select_all,
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ratatouille.core.arms import BEST_ID_VAL
 from ratatouille.merging.soups import greedy_soup, interpolate, uniform_soup
 from ratatouille.reducer.evaluate import ID_VAL, Evaluator
 from ratatouille.reducer.inputs import ReduceError, ReduceInputs, TargetRun
@@ -66,14 +67,10 @@ Build = Callable[[str, str, list[TargetRun], Selection], Selected | None]
 
 @dataclass(frozen=True)
 class Strategy:
-    """``single_model``: it yields one network (a run or averaged weights), so it may be the
-    registered final model; ensembles and means over runs may not."""
-
     name: str
     label: str
     arm: str
     build: Build
-    single_model: bool = True
 
 
 def best_run(runs: list[TargetRun]) -> TargetRun:
@@ -182,12 +179,10 @@ STRATEGIES: dict[str, Strategy] = {
     strategy.name: strategy
     for strategy in (
         Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val),
-        Strategy("ma", "MA (uniform trajectory, mean over runs)", "soups", _ma, False),
-        Strategy(
-            "ensemble_ma", "Ensemble* of averages (EoA)", "soups", _ensemble_of_averages, False
-        ),
+        Strategy("ma", "MA (uniform trajectory, mean over runs)", "soups", _ma),
+        Strategy("ensemble_ma", "Ensemble* of averages (EoA)", "soups", _ensemble_of_averages),
         Strategy("wise_ft", "WiSE fine-tuning", "soups", _wise_ft),
-        Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble, False),
+        Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble),
         Strategy("soup_uniform", "Model soups (uniform)", "soups", _uniform),
         Strategy("soup_greedy", "Model soups (greedy)", "soups", _greedy),
         Strategy(
@@ -201,7 +196,6 @@ STRATEGIES: dict[str, Strategy] = {
             "Ensemble* of inter-training (uniform)",
             "ratatouille",
             _ensemble,
-            single_model=False,
         ),
         Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val),
         Strategy("ratatouille_uniform", "Model ratatouille (uniform)", "ratatouille", _uniform),
@@ -229,9 +223,6 @@ STRATEGIES: dict[str, Strategy] = {
 
 #: ``reduce.final_model``'s default: the paper's main method, fixed before any score is seen.
 DEFAULT_FINAL = "ratatouille_uniform"
-#: The rule that registers the highest-ID-val averaged model: biased towards greedy soups, which
-#: are built to maximize ID val.
-BEST_ID_VAL = "best_id_val"
 #: When the configured strategy was not built in a cell (its arm is absent), the first of
 #: these that was: uniform averages first, as the default.
 FINAL_FALLBACK: tuple[str, ...] = (
@@ -247,11 +238,6 @@ FINAL_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("soup_uniform", "soup_greedy"),
     ("fusing",),
 )
-
-
-def final_model_rules() -> list[str]:
-    """Valid values of ``reduce.final_model``: ``best_id_val`` or a single-model strategy."""
-    return [BEST_ID_VAL, *(s.name for s in STRATEGIES.values() if s.single_model)]
 
 
 def _best_of_candidates(by_name: dict[str, Selected]) -> tuple[str, str] | None:
