@@ -57,3 +57,42 @@ def test_dagger_task_scores_the_soup_of_every_split_on_the_full_held_out_domain(
     assert frame.ood_acc[0] == pytest.approx(hand, abs=1e-9)
     assert frame.members[0] == ["0:soups-0", "1:soups-0", "1:soups-1"]
     assert frame.split_seed[0] == -1 and np.isnan(frame.id_val_acc[0])
+
+
+def test_reporting_launches_one_dagger_task_per_domain_and_logs_its_rows(tmp_path, monkeypatch):
+    from ray import tune
+    from safetensors.torch import save_file
+
+    from ratatouille.core.names import MetricKey, WeightsFile
+    from ratatouille.orchestration import reporting
+    from ratatouille.orchestration.search import TrialOutcome
+    from ratatouille.recipe.specs import HParams, TargetSpec
+
+    config = tiny_config(tmp_path, data={"split_seeds": [0, 1]})
+    cells = experiment_cells(config)
+    dataset = context_for(config).dataset(config.data.dataset)
+    by_cell = {}
+    for seed, cell in enumerate(cells):
+        folder = tmp_path / f"ckpt{seed}"
+        folder.mkdir()
+        state = build_classifier(config.model.arch, dataset.num_classes, seed=seed).state_dict()
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, folder / WeightsFile.MODEL.filename
+        )
+        spec = TargetSpec(
+            cell=cell, arm="soups", run=0, init_source="pretrained", fusing=None,
+            checkpoint_freq=3, lp_steps=0, steps=12, seed=seed,
+            hparams=HParams(lr=1e-4, weight_decay=0.0, batch_size=8, dropout=0.0),
+        )  # fmt: skip
+        metrics = {MetricKey.BEST_ID_VAL_ACC: 0.5}
+        by_cell[cell.key] = [TrialOutcome(spec, metrics, tune.Checkpoint.from_directory(folder))]
+    # in-process instead of a Ray task: the wiring, not Ray, is under test here
+    monkeypatch.setattr(reporting, "run_remote", lambda fn, _res, *args: lambda: fn(*args))
+    dagger = reporting._collect_daggers(reporting._launch_daggers(config, cells, by_cell))
+    assert list(dagger.strategy) == ["soup_uniform_dagger"] and dagger.n_models[0] == 2
+    off = config.model_copy(
+        update={"reduce": config.reduce.model_copy(update={"uniform_dagger": False})}
+    )
+    assert reporting._collect_daggers(reporting._launch_daggers(off, cells, by_cell)) is None
+    one_seed = [cells[0]]
+    assert reporting._launch_daggers(config, one_seed, by_cell) == []
