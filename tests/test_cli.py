@@ -56,10 +56,10 @@ def test_plan_counts_trials_and_steps_of_the_quickstart(capsys):
 def test_plan_of_a_domainbed_config_follows_table_1_protocol(capsys):
     code, out, _ = _run(capsys, "plan", str(EXPERIMENTS / "domainbed" / "pacs.yaml"))
     assert code == 0
-    # 4 test domains x 3 data splits = 12 cells; 3 arms x 20 runs of 5001 steps per cell.
+    # 4 test domains x 3 data splits = 12 cells; 4 arms (robust included) x 20 runs of 5001 steps.
     rows = _plan_rows(out)
     assert rows["probe"] == (12, 12 * 5001)
-    assert rows["target"] == (12 * 60, 12 * 60 * 5001)
+    assert rows["target"] == (12 * 80, 12 * 80 * 5001)
     # the reference's pool: VLCS, OfficeHome, TerraIncognita (5001 steps) and DomainNet
     # (15001), one linear probe each, then 4 runs each from that probe
     per_task = 3 * 5001 + 15001
@@ -84,9 +84,9 @@ def test_overrides_for_quick_tries(capsys):
     assert code == 0
     rows = _plan_rows(out)
     assert rows["target"] == (
-        2 * 3 * 3 * 2,
-        2 * 3 * 3 * 2 * 10,
-    )  # 2 domains x 3 splits x 3 arms x 2
+        2 * 3 * 4 * 2,
+        2 * 3 * 4 * 2 * 10,
+    )  # 2 domains x 3 splits x 4 arms x 2
     assert "featurizer freeze shortened" in err
 
 

@@ -19,8 +19,10 @@ from ratatouille.reducer.reduce import (
     ReduceSettings,
     format_table,
     reduce_cell,
+    reduce_domain_dagger,
     summarize,
 )
+from ratatouille.reducer.strategies import Selected, choose_final
 from reduce_sweep import (
     build_model,
     build_sweep,
@@ -84,7 +86,6 @@ def test_table_lists_every_strategy_in_table1_order_with_accuracies_in_unit_inte
     assert list(table.strategy) == list(TABLE_1_ORDER)
     assert table.ood_acc.between(0, 1).all() and table.id_val_acc.between(0, 1).all()
     assert (table.n_models == table.members.map(len)).all()
-    assert reduced["result"].final_strategy in ("ratatouille_uniform", "ratatouille_greedy")
 
 
 def test_erm_is_the_ood_accuracy_of_the_best_id_val_soups_run(sweep, reduced):
@@ -96,11 +97,26 @@ def test_erm_is_the_ood_accuracy_of_the_best_id_val_soups_run(sweep, reduced):
     assert row.ood_acc == pytest.approx(hand_acc(runs[best][1], _ood(sweep)), abs=1e-9)
 
 
-def test_inter_training_picks_among_runs_not_started_from_the_pretrained_model(sweep, reduced):
-    runs = [r for r in runs_of(sweep, "ratatouille") if r[2] != "pretrained"]
+def test_inter_training_picks_among_every_run_of_the_recycling_sweep(sweep, reduced):
+    runs = runs_of(sweep, "ratatouille")
     scores = [hand_acc(state, sweep["val"]) for _, state, _ in runs]
     row = _row(reduced["result"], "inter_training")
     assert row.members == [runs[int(np.argmax(scores))][0]]
+
+
+def test_inter_training_keeps_a_run_started_from_phi_pt_when_it_scores_best(sweep):
+    settings = ReduceSettings(ablation_draws=1, max_pairs=0, ablation_points=2, n_lambdas=2)
+    inputs = make_inputs(sweep, settings=settings)
+    inputs.runs = [r for r in inputs.runs if r.arm != "fusing"]
+    # membership by hand: the phi_pt run of each recycling arm gets the best logged score
+    for arm, run_id in (("ratatouille", "rata03"), ("robust_ratatouille", "robu10")):
+        run = next(r for r in inputs.runs if r.run_id == run_id)
+        assert (run.arm, run.init_source) == (arm, "pretrained")
+        run.id_val_acc = 1.0
+    with pytest.warns(UserWarning, match="logged id_val_acc"):
+        result = reduce_cell(inputs)
+    assert _row(result, "inter_training").members == ["rata03"]
+    assert _row(result, "robust_inter_training").members == ["robu10"]
 
 
 def test_ensemble_averages_logits_and_differs_from_the_soup_of_the_same_runs(sweep, reduced):
@@ -157,16 +173,39 @@ def test_wise_ft_is_the_accuracy_of_hand_interpolated_weights(sweep, reduced):
     assert _row(reduced["result"], "wise_ft").ood_acc == pytest.approx(expected, abs=1e-9)
 
 
-def test_final_model_is_the_ratatouille_soup_with_higher_id_val(sweep, reduced):
+def test_final_model_by_default_is_the_uniform_ratatouille_soup_of_every_run(sweep, reduced):
     result = reduced["result"]
-    uniform, greedy = _row(result, "ratatouille_uniform"), _row(result, "ratatouille_greedy")
-    higher = greedy.id_val_acc > uniform.id_val_acc
-    expected = "ratatouille_greedy" if higher else "ratatouille_uniform"
-    assert result.final_strategy == expected
-    members = _row(result, expected).members
-    hand = hand_average([sweep["states"][m] for m in members])
+    # greedy wins ID val in this sweep, as it is built to; the default rule ignores that
+    greedy, uniform = _row(result, "ratatouille_greedy"), _row(result, "ratatouille_uniform")
+    assert greedy.id_val_acc > uniform.id_val_acc
+    assert result.final_strategy == "ratatouille_uniform"
+    assert "ratatouille_uniform" in result.final_reason and "main method" in result.final_reason
+    hand = hand_average([state for _, state, _ in runs_of(sweep, "ratatouille")])
     for key, value in hand.items():
         torch.testing.assert_close(result.final_model_state[key], value)
+
+
+def _picked(name, id_val):
+    return Selected(name, "ratatouille", "x", "state", ("r",), id_val)
+
+
+def test_default_rule_registers_the_uniform_soup_even_when_greedy_has_higher_id_val():
+    selected = [_picked("ratatouille_uniform", 0.70), _picked("ratatouille_greedy", 0.80)]
+    assert choose_final(selected, "ratatouille_uniform")[0] == "ratatouille_uniform"
+    name, why = choose_final(selected, "best_id_val")
+    assert name == "ratatouille_greedy"
+    assert "ratatouille_uniform 70.0%" in why and "ratatouille_greedy 80.0%" in why
+    # a configured strategy that the cell did not build falls back to the first uniform soup
+    soups = [_picked("soup_uniform", 0.6), _picked("soup_greedy", 0.9)]
+    name, why = choose_final(soups, "ratatouille_uniform")
+    assert name == "soup_uniform" and "not built" in why
+
+
+def test_an_unknown_final_model_rule_is_refused_naming_the_valid_ones(sweep):
+    inputs = make_inputs(sweep)
+    inputs.settings.final_model = "ensemble_soups"  # an ensemble is not one network
+    with pytest.raises(ReduceError, match="final_model='ensemble_soups'.*best_id_val"):
+        reduce_cell(inputs)
 
 
 def test_at_most_four_of_the_thirteen_run_states_are_alive_at_once(reduced):
@@ -287,7 +326,7 @@ def test_curves_are_skipped_with_a_reason_when_the_pool_has_one_entry(sweep):
     result = reduce_cell(inputs)
     assert set(result.skipped) >= {"hypothesis_1", "hypothesis_2", "three_weights", "gain_points"}
     assert result.curves == {} and "pool" in result.skipped["hypothesis_1"]
-    assert result.final_strategy in ("soup_uniform", "soup_greedy")
+    assert result.final_strategy == "soup_uniform"  # the fallback of ratatouille_uniform
     assert set(result.table.strategy) == {
         "erm",
         "wise_ft",
@@ -327,26 +366,32 @@ def test_source_diversity_splits_pairs_by_init_source(reduced):
     assert rat.loc["same_source"].n_pairs == 1 and rat.loc["different_source"].n_pairs == 9
 
 
-def test_summarize_gives_mean_and_std_over_split_seeds_in_table1_order(reduced):
+def test_summarize_gives_mean_and_standard_error_over_split_seeds_in_table1_order(reduced):
     base = reduced["result"]
     cells = {}
-    for domain, seed, shift in (("d2", 0, 0.0), ("d2", 1, 0.1), ("d0", 0, 0.05), ("d0", 1, -0.05)):
+    shifts = {("d2", 0): 0.0, ("d2", 1): 0.1, ("d2", 2): 0.04, ("d0", 0): 0.05}
+    shifts.update({("d0", 1): -0.05, ("d0", 2): 0.02})
+    for (domain, seed), shift in shifts.items():
         result = copy.copy(base)
-        result.table = base.table.assign(ood_acc=(base.table.ood_acc + shift).clip(0, 1))
+        result.table = base.table.assign(ood_acc=base.table.ood_acc + shift)
         cells[(domain, seed)] = result
     summary = summarize(cells)
     assert list(summary.index) == list(TABLE_1_ORDER)
     erm = _row(base, "erm").ood_acc
-    d2 = [min(max(erm + s, 0), 1) for s in (0.0, 0.1)]
-    d0 = [min(max(erm + s, 0), 1) for s in (0.05, -0.05)]
+    d2 = [erm + 0.0, erm + 0.1, erm + 0.04]
+    d0 = [erm + 0.05, erm - 0.05, erm + 0.02]
+    # s.e. by hand: sqrt(sum((x - mean)^2) / (n - 1)) / sqrt(n), n = 3 split seeds
+    se_d2 = math.sqrt(sum((x - np.mean(d2)) ** 2 for x in d2) / 2) / math.sqrt(3)
     assert summary.loc["erm", ("d2", "mean")] == pytest.approx(np.mean(d2))
-    assert summary.loc["erm", ("d2", "std")] == pytest.approx(np.std(d2, ddof=1))
+    assert summary.loc["erm", ("d2", "se")] == pytest.approx(se_d2)
     assert summary.loc["erm", ("avg", "mean")] == pytest.approx((np.mean(d2) + np.mean(d0)) / 2)
-    per_seed = [(d2[0] + d0[0]) / 2, (d2[1] + d0[1]) / 2]
-    assert summary.loc["erm", ("avg", "std")] == pytest.approx(np.std(per_seed, ddof=1))
-    text = format_table(summary)
-    assert text.splitlines()[0] == "| strategy | d2 | d0 | avg |"
-    assert f"{100 * np.mean(d2):.1f} ± {100 * np.std(d2, ddof=1):.1f}" in text
+    per_seed = [(a + b) / 2 for a, b in zip(d2, d0)]
+    se_avg = math.sqrt(sum((x - np.mean(per_seed)) ** 2 for x in per_seed) / 2) / math.sqrt(3)
+    assert summary.loc["erm", ("avg", "se")] == pytest.approx(se_avg)
+    text = format_table(summary).splitlines()
+    assert "± s.e." in text[0]
+    assert text[2] == "| strategy | d2 | d0 | avg |"
+    assert f"| erm | {100 * np.mean(d2):.1f} ± {100 * se_d2:.1f} |" in "\n".join(text)
 
 
 @pytest.mark.parametrize(
@@ -364,3 +409,60 @@ def test_bad_inputs_raise_one_error_naming_the_field(sweep, change, field):
     change(inputs)
     with pytest.raises(ReduceError, match=field):
         reduce_cell(inputs)
+
+
+def test_ma_rows_are_the_mean_and_the_ensemble_of_the_runs_moving_averages(sweep):
+    settings = ReduceSettings(ablation_draws=1, max_pairs=0, ablation_points=2, n_lambdas=2)
+    inputs = make_inputs(sweep, settings=settings)
+    inputs.runs = [r for r in inputs.runs if r.arm == "soups"]
+    # stand-ins for trajectory averages: each run pulled 30% back towards its init (w_lp, phi_pt)
+    averages = {
+        r.run_id: hand_average([sweep["states"][r.run_id], sweep["pt_lp"]], [0.7, 0.3])
+        for r in inputs.runs
+    }
+    for run in inputs.runs[:2]:  # the third run kept no moving average
+        run.load_ma_state = lambda s=averages[run.run_id]: dict(s)
+    kept = [averages[r.run_id] for r in inputs.runs[:2]]
+    table = reduce_cell(inputs).table.set_index("strategy")
+    assert list(table.index[:3]) == ["erm", "ma", "ensemble_ma"]
+    assert table.loc["ma"].members == [r.run_id + "@ma" for r in inputs.runs[:2]]
+    for split, domains in (("ood_acc", _ood(sweep)), ("id_val_acc", sweep["val"])):
+        mean = (hand_acc(kept[0], domains) + hand_acc(kept[1], domains)) / 2
+        assert table.loc["ma", split] == pytest.approx(mean, abs=1e-9)
+        right = [
+            (torch.stack([hand_logits(s, x) for s in kept]).mean(0).argmax(1) == y).double().mean()
+            for x, y in domains
+        ]
+        assert table.loc["ensemble_ma", split] == pytest.approx(float(np.mean(right)), abs=1e-9)
+
+
+def test_uniform_dagger_averages_every_run_of_every_split_and_joins_the_table(sweep, reduced):
+    inputs = make_inputs(sweep)
+    by_id = {r.run_id: r for r in inputs.runs}
+    # two "splits" of the sweep; run ids repeat across splits as in a real sweep
+    seed0 = [by_id[i] for i in ("soup00", "soup01", "rata03", "rata04", "robu10")]
+    seed1 = [by_id[i] for i in ("soup02", "rata05", "rata06", "rata07", "fusi08")]
+    frame = reduce_domain_dagger("d2", {0: seed0, 1: seed1}, build_model, inputs.ood_test)
+    frame = frame.set_index("strategy")
+    # robust_ratatouille has no run in split 1, fusing is not averaged: no † row for them
+    assert list(frame.index) == ["soup_uniform_dagger", "ratatouille_uniform_dagger"]
+    for name, ids in (
+        ("soup_uniform_dagger", ("soup00", "soup01", "soup02")),
+        ("ratatouille_uniform_dagger", ("rata03", "rata04", "rata05", "rata06", "rata07")),
+    ):
+        hand = hand_acc(hand_average([sweep["states"][i] for i in ids]), _ood(sweep))
+        row = frame.loc[name]
+        assert row.ood_acc == pytest.approx(hand, abs=1e-9)
+        assert row.n_models == len(ids) and row.split_seed == -1 and math.isnan(row.id_val_acc)
+    assert frame.loc["soup_uniform_dagger"].members == ["0:soup00", "0:soup01", "1:soup02"]
+    # in the summary: one value per test domain (no error bar), after its arm's greedy row
+    cells = {("d2", 0): reduced["result"], ("d2", 1): reduced["result"]}
+    summary = summarize(cells, frame.reset_index())
+    order = list(summary.index)
+    assert order.index("soup_uniform_dagger") == order.index("soup_greedy") + 1
+    assert order.index("ratatouille_uniform_dagger") == order.index("ratatouille_greedy") + 1
+    dagger = summary.loc["ratatouille_uniform_dagger"]
+    assert dagger[("d2", "mean")] == pytest.approx(frame.loc["ratatouille_uniform_dagger"].ood_acc)
+    assert math.isnan(dagger[("d2", "se")]) and math.isnan(dagger[("avg", "se")])
+    with pytest.raises(ReduceError, match="at least two split seeds"):
+        reduce_domain_dagger("d2", {0: seed0}, build_model, inputs.ood_test)

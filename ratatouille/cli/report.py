@@ -54,7 +54,7 @@ def write_report(experiment: str | None, tracking_uri: str | None, out: str) -> 
         + (f"\n## The paper's claims (computed)\n\n{claims_md}\n" if claims_md else "")
     )
     long.to_csv(folder / "report.csv", index=False)
-    print(f"{tracker.experiment_name}: OOD test accuracy (%), mean ± std over split seeds\n")
+    print(f"{tracker.experiment_name}: OOD test accuracy (%), mean ± s.e. over split seeds\n")
     print(table)
     if claims_md:
         print(f"\nThe paper's claims on this sweep (computed)\n\n{claims_md}")

@@ -43,6 +43,18 @@ class InitDraw:
 
 InitPolicy = Callable[[InitDraw], list[InitChoice]]
 
+#: Strategies that are not one network (ensembles average predictions, ``ma`` is a mean over
+#: runs): none of them can be the registered final model (``reduce.final_model``).
+MULTI_MODEL_STRATEGIES = frozenset({"ma", "ensemble_ma", "ensemble_soups", "ensemble_ratatouille"})
+#: ``reduce.final_model``'s rule that registers the highest-ID-val averaged model.
+BEST_ID_VAL = "best_id_val"
+
+
+def final_model_rules() -> list[str]:
+    """Valid values of ``reduce.final_model``: ``best_id_val`` or a single-model strategy."""
+    names = [name for arm in ARMS.values() for name in arm.strategies]
+    return [BEST_ID_VAL, *(n for n in names if n not in MULTI_MODEL_STRATEGIES)]
+
 
 def balanced_sources(n_runs: int, n_sources: int, seed: int) -> list[int]:
     """Source index of each of the M target runs over K+1 sources (0 is the pretrained ``phi_pt``).
@@ -124,7 +136,15 @@ ARMS: dict[str, Arm] = {
             recycles=False,
             averaged=True,
             init_policy=balanced_over_sources,
-            strategies=("erm", "wise_ft", "ensemble_soups", "soup_uniform", "soup_greedy"),
+            strategies=(
+                "erm",
+                "ma",
+                "ensemble_ma",
+                "wise_ft",
+                "ensemble_soups",
+                "soup_uniform",
+                "soup_greedy",
+            ),
             color="tab:blue",
         ),
         Arm(
@@ -156,7 +176,8 @@ ARMS: dict[str, Arm] = {
         ),
         Arm(
             "robust_ratatouille",
-            "ratatouille over the pool's moving-average featurizers (App. E)",
+            "ratatouille over the pool's moving-average featurizers, uniform or restricted "
+            "(greedy) selection (App. E, Table 2)",
             needs_pool=True,
             robust=True,
             recycles=True,
@@ -197,6 +218,7 @@ __all__ = [
     "arms_where",
     "balanced_over_sources",
     "balanced_sources",
+    "final_model_rules",
     "fusing_mixture",
     "get_arm",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ratatouille.core.arms import ARMS
+from ratatouille.core.arms import ARMS, final_model_rules
 from ratatouille.core.errors import UserError
 
 
@@ -160,6 +160,14 @@ class TargetConfig(_Section):
         default_factory=dict, description="replace a hyperparameter's grid, e.g. lr: [1e-4, 3e-4]"
     )
     fusing_spread: float = Field(4.0, gt=0.0, description="kappa_i ~ U(0, spread), paper F.1")
+    moving_average: bool = Field(
+        False,
+        description="the soups arm's runs also keep a moving average of their weights (MA, "
+        "Arpit et al.), for the reducer's ma and ensemble_ma rows",
+    )
+    ma_start: int = Field(
+        100, ge=0, description="first step of the moving average (capped at half the run)"
+    )
 
     @field_validator("arms")
     @classmethod
@@ -181,6 +189,28 @@ class ReduceConfig(_Section):
     lmc_tolerance: float = Field(0.01, ge=0.0)
     ablation_draws: int = Field(5, gt=0)
     max_pairs: int = Field(30, gt=0)
+    uniform_dagger: bool = Field(
+        True,
+        description="with several split seeds, also the uniform† rows: every run of every "
+        "split of a test domain averaged (paper Tables 1-2)",
+    )
+    final_model: str = Field(
+        "ratatouille_uniform",
+        description="the registered model of each cell: a single-model strategy of the reducer, "
+        "or best_id_val (the highest-ID-val soup, biased towards greedy soups); the default is "
+        "the paper's main method",
+    )
+
+    @field_validator("final_model")
+    @classmethod
+    def _final_model_is_a_rule(cls, rule: str) -> str:
+        # checked here, before any training: the reducer would only refuse it at the very end
+        if rule not in final_model_rules():
+            raise ValueError(
+                f"{rule!r} is not a final-model rule: use one of {final_model_rules()} (an "
+                "ensemble or a mean over runs is not one network)"
+            )
+        return rule
 
 
 class ResourcesConfig(_Section):

@@ -29,7 +29,7 @@ class MetricKey(StrEnum):
     BEST_ID_VAL_ACC = "best_id_val_acc"
     BEST_STEP = "best_step"
     FINAL_ID_VAL_ACC = "final_id_val_acc"
-    MA_ID_VAL_ACC = "ma_id_val_acc"  # the moving average of a robust auxiliary run
+    MA_ID_VAL_ACC = "ma_id_val_acc"  # the moving average of a robust aux run or a target run
     DONE = "done"  # the closing report: the trial finished its schedule
     NODE_ID = "node_id"
     GPU_IDS = "gpu_ids"
@@ -54,6 +54,7 @@ class WeightsFile(StrEnum):
     """Safetensors files (``<name>.safetensors``) of a trial's checkpoint."""
 
     MODEL = "model"  # a target run's best-ID-val Classifier state
+    MODEL_MA = "model_ma"  # a target run's moving average of weights (target.moving_average)
     FEATURIZER = "featurizer"  # phi_pt (pretrain) or phi_aux (aux): the pool's entries
     FEATURIZER_MA = "featurizer_ma"  # phi_aux's moving average (robust auxiliary runs)
     HEAD = "head"  # w_lp (probe)

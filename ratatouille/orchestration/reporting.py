@@ -38,6 +38,7 @@ from ratatouille.reducer.reduce import (
     ReduceSettings,
     TargetRun,
     reduce_cell,
+    reduce_domain_dagger,
 )
 from ratatouille.reducer.summary import format_table, long_form, summarize
 
@@ -89,9 +90,17 @@ def _target_runs(outcomes: list[TrialOutcome]) -> list[TargetRun]:
                 # loaded inside the reducer's task, where the checkpoint is read
                 load_state=functools.partial(read_weights, outcome.checkpoint, WeightsFile.MODEL),
                 hparams=dict(vars(spec.hparams)),
+                load_ma_state=_ma_loader(outcome),
             )
         )
     return runs
+
+
+def _ma_loader(outcome: TrialOutcome) -> Callable[[], StateDict] | None:
+    """A run's moving-average weights, when it kept them (its closing report scores them)."""
+    if MetricKey.MA_ID_VAL_ACC not in outcome.metrics or outcome.checkpoint is None:
+        return None
+    return functools.partial(read_weights, outcome.checkpoint, WeightsFile.MODEL_MA)
 
 
 def _recycled_sources(runs: list[TargetRun]) -> list[str]:
@@ -135,6 +144,7 @@ def reduce_one_cell(
         lmc_tolerance=config.reduce.lmc_tolerance,
         ablation_draws=config.reduce.ablation_draws,
         max_pairs=config.reduce.max_pairs,
+        final_model=config.reduce.final_model,
         seed=config.seed,
         device=context.device(),
     )
@@ -153,9 +163,56 @@ def reduce_one_cell(
     return CellReduction(reduce_cell(inputs), _cell_inputs(config, dataset, cell), example)
 
 
-def reduce_metrics(results: dict[tuple[str, int], ReduceResult]) -> dict[str, float]:
-    """MLflow metrics: means over cells, and per cell when there are several."""
-    long = long_form(results)
+def reduce_domain_dagger_task(
+    config: ExperimentConfig, cells: list[Cell], runs_by_seed: dict[int, list[TargetRun]]
+) -> pd.DataFrame:
+    """uniform† of one test domain, where the data lives: the held-out domain in full is the
+    OOD test set of every split, so the first cell's serves them all."""
+    context = context_for(config)
+    dataset = context.dataset(config.data.dataset)
+    cell = cells[0]
+    splits = target_splits(dataset, [cell.test_env], cell.split_seed, config.data.holdout_fraction)
+    build = functools.partial(
+        build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
+    )
+    return reduce_domain_dagger(
+        cell.test_domain, runs_by_seed, build, splits.ood_test, device=context.device()
+    )
+
+
+def _launch_daggers(
+    config: ExperimentConfig, cells: list[Cell], by_cell: dict[str, list[TrialOutcome]]
+) -> list[Callable[[], pd.DataFrame]]:
+    """One uniform† task per test domain swept over several split seeds (none otherwise)."""
+    if not config.reduce.uniform_dagger:
+        return []
+    by_domain: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_domain.setdefault(cell.test_domain, []).append(cell)
+    return [
+        run_remote(
+            reduce_domain_dagger_task,
+            config.resources,
+            config,
+            domain_cells,
+            {c.split_seed: _target_runs(by_cell[c.key]) for c in domain_cells},
+        )
+        for domain_cells in by_domain.values()
+        if len(domain_cells) > 1
+    ]
+
+
+def _collect_daggers(pending: list[Callable[[], pd.DataFrame]]) -> pd.DataFrame | None:
+    frames = [future() for future in pending]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def reduce_metrics(
+    results: dict[tuple[str, int], ReduceResult], dagger: pd.DataFrame | None = None
+) -> dict[str, float]:
+    """MLflow metrics: means over cells, and per cell when there are several (a uniform† row's
+    cell is ``<domain>-split-1``: every split)."""
+    long = long_form(results, dagger)
     metrics: dict[str, float] = {}
     for strategy, rows in long.groupby("strategy"):
         metrics[f"ood_acc/{strategy}"] = rows.ood_acc.mean()
@@ -200,6 +257,7 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         )
         for cell in state.cells
     }
+    pending_daggers = _launch_daggers(config, state.cells, by_cell)
     cells = {}
     for index, (cell, future) in enumerate(pending.items(), start=1):
         reduction = cells[(cell.test_domain, cell.split_seed)] = future()
@@ -211,19 +269,21 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
             flush=True,
         )
     results = {key: reduction.result for key, reduction in cells.items()}
-    table = format_table(summarize(results))
+    dagger = _collect_daggers(pending_daggers)
+    table = format_table(summarize(results, dagger))
     figures = {}
     for (domain, seed), result in results.items():
         suffix = "" if len(results) == 1 else f"_{cell_key(domain, seed)}"
         figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
     claims = claims_table(results)
     claims_md = format_claims(claims)
-    report = table + "\n" + "".join(f"\nexcluded {line}" for line in excluded)
+    report = table + "\n" + _final_models_text(results)
+    report += "".join(f"\nexcluded {line}" for line in excluded)
     report += f"\n\n## The paper's claims, computed over {len(results)} cells\n\n{claims_md}"
     inputs = [item for reduction in cells.values() for item in reduction.inputs]
-    metrics = {**reduce_metrics(results), **claims_metrics(claims)}
+    metrics = {**reduce_metrics(results, dagger), **claims_metrics(claims)}
     run_id, changed = tracker.log_reduction(
-        metrics, long_form(results), figures, {REPORT_MD: report + "\n"}, inputs
+        metrics, long_form(results, dagger), figures, {REPORT_MD: report + "\n"}, inputs
     )
     if changed:
         tracker.log_analysis(run_id, {"claims": claims}, cross_cell_figures(results))
@@ -241,6 +301,15 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         model_versions=versions,
         claims_markdown=claims_md,
     )
+
+
+def _final_models_text(results: dict[tuple[str, int], ReduceResult]) -> str:
+    """The report's account of the registered models: which strategy, and which rule chose it."""
+    lines = [
+        f"\nfinal model {cell_key(d, s)}: {r.final_strategy} ({r.final_reason})"
+        for (d, s), r in results.items()
+    ]
+    return "".join(lines) + "\n"
 
 
 def registered_model_name(config: ExperimentConfig) -> str:
@@ -269,10 +338,12 @@ def _log_models(
             artifact_name=f"model-{cell}",
             tags={
                 "strategy": result.final_strategy,
+                "selection_rule": config.reduce.final_model,
                 "test_domain": result.test_domain,
                 "split_seed": str(result.split_seed),
             },
             input_example=reduction.input_example,
             aliases=tracker.champion_aliases(cell, latest=last),
+            description=f"{result.final_strategy}: {result.final_reason}",
         )
     return versions

@@ -66,6 +66,8 @@ class TrialContext:
     featurizers: dict[str, StateDict] = field(default_factory=dict)  # PRETRAINED + pool entries
     heads: dict[str, StateDict] = field(default_factory=dict)  # w_lp per cell key
     gpus_per_trial: float = 0.0
+    ma_arms: tuple[str, ...] = ()  # target arms whose runs keep a moving average (MA baseline)
+    ma_start: int = 100
 
     def device(self) -> str:
         return "cuda" if self.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
@@ -90,6 +92,8 @@ def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
         arch=config.model.arch,
         freeze_bn=config.model.freeze_bn,
         gpus_per_trial=config.resources.gpus_per_trial,
+        ma_arms=("soups",) if config.target.moving_average else (),
+        ma_start=config.target.ma_start,
         **weights,
     )
 
@@ -278,10 +282,26 @@ def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
     if phi_init is not None:
         load_featurizer_params(model, phi_init)
     model.head.load_state_dict(ctx.heads[cell.key])
-    cfg = _finetune_config(spec, ctx, lp_steps=spec.lp_steps)
+    moving_average = spec.arm in ctx.ma_arms
+    cfg = _finetune_config(
+        spec,
+        ctx,
+        lp_steps=spec.lp_steps,
+        moving_average=moving_average,
+        ma_start=min(ctx.ma_start, spec.steps // 2),
+    )
     result = _train_with_reports(model, splits, reporter, cfg, keep_best=True)
-    data_input = _data_input(dataset, ctx, cell.split_seed, test_env=cell.test_env)
-    reporter.report(_final_metrics(result, data_input))
+    metrics = _final_metrics(result, _data_input(dataset, ctx, cell.split_seed, cell.test_env))
+    weights = None
+    if moving_average and result.average_state is not None:
+        # MA (Arpit et al.): the trajectory's uniform average, beside the best-ID-val weights
+        # (the closing checkpoint is the one kept, so it carries both).
+        weights = {WeightsFile.MODEL: result.best_state, WeightsFile.MODEL_MA: result.average_state}
+        model.load_state_dict(result.average_state)
+        metrics[MetricKey.MA_ID_VAL_ACC] = evaluate_accuracy(
+            model, splits.id_val, device=ctx.device()
+        )
+    reporter.report(metrics, weights=weights)
 
 
 def run_trial(spec: TrialSpec, ctx: TrialContext, reporter: Reporter) -> None:

@@ -30,6 +30,8 @@ class TargetRun:
     id_val_acc: float  # best ID-val accuracy logged by the run: its selection score
     load_state: Callable[[], dict[str, Tensor]]  # the run's best-ID-val Classifier state
     hparams: dict = field(default_factory=dict)
+    # the run's moving average of weights (target.moving_average; MA, Arpit et al.), if kept
+    load_ma_state: Callable[[], dict[str, Tensor]] | None = None
 
 
 @dataclass
@@ -37,7 +39,9 @@ class ReduceSettings:
     """``wise_alpha``: WiSE-FT ``theta = (1 - alpha) * theta_erm + alpha * theta_init`` (App. A).
 
     ``max_pairs`` caps the diversity-vs-gain pairs (each costs one OOD evaluation; 0 disables);
-    ``ablation_points`` caps the sizes M evaluated per arm in the runs ablation (Fig. 8).
+    ``ablation_points`` caps the sizes M evaluated per arm in the runs ablation (Fig. 8);
+    ``final_model`` is the rule that picks the registered model (a single-model strategy, or
+    ``best_id_val``; see :func:`ratatouille.reducer.strategies.choose_final`).
     """
 
     wise_alpha: float = 0.5
@@ -49,6 +53,7 @@ class ReduceSettings:
     batch_size: int = 64
     max_pairs: int = 30
     ablation_points: int = 6
+    final_model: str = "ratatouille_uniform"
 
 
 @dataclass

@@ -3,8 +3,10 @@
 The reducer works in three phases, and the OOD test domain is only readable in the last two:
 
 1. **selection, on ID validation only**: each run's ID-val logits (computed once, cached),
-   the best-ID-val runs (``erm``, ``inter_training``, ``fusing``), the uniform and greedy soups
-   of each averaging arm (paper Sec. 3, step 5), WiSE-FT (App. A), and the final model;
+   the best-ID-val runs (``erm``, ``inter_training`` over every run of the recycling arm, phi_pt
+   runs included, ``fusing``), the uniform and greedy soups
+   of each averaging arm (paper Sec. 3, step 5), WiSE-FT (App. A), and the final model (by
+   the rule ``ReduceSettings.final_model``, ratatouille's uniform soup by default);
 2. **final evaluation**: each run's OOD logits (once), then each strategy's OOD accuracy;
 3. **analysis** (OOD allowed, nothing is selected any more): diversity (Sec. 4.2, App. C.1),
    diversity-vs-gain points (Fig. 3c), interpolation curves (Sec. 4.3, App. D.2) and the
@@ -21,23 +23,28 @@ from __future__ import annotations
 import math
 import tempfile
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from ratatouille.core.arms import ARMS
+from ratatouille.core.arms import ARMS, final_model_rules
 from ratatouille.core.names import PRETRAINED  # init_source of runs from (w_lp, phi_pt): T0
+from ratatouille.merging.soups import uniform_soup
 from ratatouille.reducer.ablations import analyse
 from ratatouille.reducer.curves import CurveResult
-from ratatouille.reducer.evaluate import ID_VAL, OOD_TEST, Evaluator
+from ratatouille.reducer.evaluate import ID_VAL, OOD_TEST, Evaluator, Predict
 from ratatouille.reducer.inputs import ReduceError, ReduceInputs, ReduceSettings, TargetRun
 from ratatouille.reducer.strategies import (
-    FINAL_CANDIDATES,
+    DAGGER_STRATEGIES,
     Selected,
     Selection,
     StateStore,
+    choose_final,
+    ma_views,
     select_all,
 )
 from ratatouille.reducer.summary import format_table, long_form, summarize
@@ -52,6 +59,7 @@ __all__ = [
     "format_table",
     "long_form",
     "reduce_cell",
+    "reduce_domain_dagger",
     "summarize",
 ]
 
@@ -74,6 +82,7 @@ class ReduceResult:
     ablation_sources: pandas.DataFrame  # arm, n_sources, ood_acc_mean/std/se, n_draws, n_models
     final_model_state: dict[str, Tensor]
     final_strategy: str
+    final_reason: str = ""  # which rule chose the final model, and with what numbers
     skipped: dict[str, str] = field(default_factory=dict)  # analysis item -> why it is absent
     test_domain: str = ""
     split_seed: int = 0
@@ -97,6 +106,11 @@ def _validate(inputs: ReduceInputs) -> None:
         if not math.isfinite(run.id_val_acc):
             raise ReduceError(f"run {run.run_id!r} has id_val_acc={run.id_val_acc}; need a number")
         seen.add(run.run_id)
+    if s.final_model not in final_model_rules():
+        raise ReduceError(
+            f"reduce.final_model={s.final_model!r} is not a rule; use one of "
+            f"{final_model_rules()} (default ratatouille_uniform, the paper's main method)"
+        )
     if not inputs.id_val or not inputs.ood_test:
         raise ReduceError("ReduceInputs.id_val and ood_test must each hold at least one dataset")
     checks = {
@@ -144,16 +158,6 @@ def _select_on_id_val(
     return select_all(arms, Selection(inputs, ev, store))
 
 
-def _choose_final(selected: list[Selected]) -> str:
-    """The final model: the higher-ID-val of ratatouille uniform/greedy (ties -> uniform)."""
-    by_name = {s.strategy: s for s in selected}
-    for names in FINAL_CANDIDATES:
-        present = [by_name[n] for n in names if n in by_name]
-        if present:
-            return max(present, key=lambda s: s.id_val_acc).strategy  # first of equals: uniform
-    raise ReduceError("no averaging or fusing strategy could be built; the sweep has no such arm")
-
-
 def _evaluate_on_ood(
     selected: list[Selected], runs: list[TargetRun], ev: Evaluator, store: StateStore
 ) -> pandas.DataFrame:
@@ -166,6 +170,8 @@ def _evaluate_on_ood(
             ood = ev.run_accuracy(s.members[0], OOD_TEST)
         elif s.kind == "ensemble":
             ood = ev.ensemble_accuracy(list(s.members), OOD_TEST)
+        elif s.kind == "mean":
+            ood = sum(ev.run_accuracy(m, OOD_TEST) for m in s.members) / len(s.members)
         else:
             ood = ev.accuracy(store.load(s.strategy), OOD_TEST)
         rows.append(
@@ -199,9 +205,9 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
     with tempfile.TemporaryDirectory(prefix="ratatouille-reduce-") as folder:
         store = StateStore(Path(folder))
         selected = _select_on_id_val(inputs, arms, ev, store)
-        final_strategy = _choose_final(selected)
+        final_strategy, final_reason = choose_final(selected, s.final_model)
         ev.open_ood()  # every selection decision is final from here on
-        table = _evaluate_on_ood(selected, inputs.runs, ev, store)
+        table = _evaluate_on_ood(selected, inputs.runs + ma_views(inputs.runs), ev, store)
         final = next(x for x in selected if x.strategy == final_strategy)
         final_state = (
             runs_by_id[final.members[0]].load_state()
@@ -213,7 +219,71 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
         table=table,
         final_model_state=final_state,
         final_strategy=final_strategy,
+        final_reason=final_reason,
         test_domain=inputs.test_domain,
         split_seed=inputs.split_seed,
         **analysis,
     )
+
+
+# -- uniform† (across the split seeds of a test domain) -------------------------------------
+
+#: The split seed of the uniform† rows: every split at once (the reference's --trial_seed -1).
+DAGGER_SPLIT_SEED = -1
+
+
+def _check_dagger_inputs(test_domain: str, runs_by_seed: Mapping[int, list[TargetRun]]) -> None:
+    if len(runs_by_seed) < 2:
+        raise ReduceError(
+            f"uniform† of {test_domain!r} needs the runs of at least two split seeds, got "
+            f"{sorted(runs_by_seed)}; with one split it is the uniform soup already reported"
+        )
+
+
+def reduce_domain_dagger(
+    test_domain: str,
+    runs_by_seed: Mapping[int, list[TargetRun]],
+    build_model: Callable[[], nn.Module],
+    ood_test: list[Dataset],
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    predict: Predict | None = None,
+) -> pandas.DataFrame:
+    """The uniform† rows of one test domain: for each averaging arm with runs in every split,
+    the uniform average of all its runs of all split seeds, scored on ``ood_test``.
+
+    The OOD test set is the held-out domain in full, the same images whatever the split seed
+    (a split only divides the *training* domains into train and ID val), so the cross-split
+    model is evaluated once, on it, as the reference does. It has no ID-val accuracy: each
+    split's ID val holds images the other splits trained on (``id_val_acc`` is nan). Members
+    are ``<split_seed>:<run_id>``, since run ids repeat across splits. Weights stream: one
+    run is loaded at a time.
+    """
+    _check_dagger_inputs(test_domain, runs_by_seed)
+    ev = Evaluator(build_model, [], ood_test, batch_size=batch_size, device=device, predict=predict)
+    ev.open_ood()  # nothing is selected: every run of every split is averaged
+    rows = []
+    for dagger in DAGGER_STRATEGIES.values():
+        picked = {
+            seed: [r for r in runs if r.arm == dagger.arm] for seed, runs in runs_by_seed.items()
+        }
+        if not all(picked.values()):
+            continue
+        loaders = [run.load_state for runs in picked.values() for run in runs]
+        state = uniform_soup(load() for load in loaders)
+        members = [f"{seed}:{run.run_id}" for seed, runs in picked.items() for run in runs]
+        rows.append(
+            {
+                "test_domain": test_domain,
+                "split_seed": DAGGER_SPLIT_SEED,
+                "strategy": dagger.name,
+                "ood_acc": ev.accuracy(state, OOD_TEST),
+                "id_val_acc": math.nan,
+                "n_models": len(members),
+                "members": members,
+                "arm": dagger.arm,
+                "selection": "uniform†",
+            }
+        )
+    return pandas.DataFrame(rows)

@@ -10,6 +10,7 @@ the arm's ``strategies`` (:mod:`ratatouille.core.arms`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +18,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ratatouille.core.names import PRETRAINED
+from ratatouille.core.arms import BEST_ID_VAL
 from ratatouille.merging.soups import greedy_soup, interpolate, uniform_soup
 from ratatouille.reducer.evaluate import ID_VAL, Evaluator
-from ratatouille.reducer.inputs import ReduceInputs, TargetRun
+from ratatouille.reducer.inputs import ReduceError, ReduceInputs, TargetRun
 
 
 @dataclass
 class Selected:
     """A strategy decided on ID val; ``kind`` says how its OOD accuracy is obtained: ``run``
-    (a run's cached logits), ``ensemble`` (mean logits of ``members``) or ``state`` (weights
-    parked in the :class:`StateStore` under the strategy's name)."""
+    (a run's cached logits), ``ensemble`` (mean logits of ``members``), ``mean`` (the mean of
+    the members' accuracies) or ``state`` (weights parked in the :class:`StateStore` under the
+    strategy's name). Members may be moving-average views of runs (:func:`ma_views`)."""
 
     strategy: str
     arm: str
@@ -76,20 +78,56 @@ def best_run(runs: list[TargetRun]) -> TargetRun:
     return max(runs, key=lambda r: r.id_val_acc)  # max keeps the first of equal keys
 
 
-def _best_id_val(recycled_only: bool = False) -> Build:
-    """The run with the best logged ID-val score (of the runs started from a pool entry when
-    ``recycled_only``: inter-training)."""
+def _best_id_val(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
+    """The run with the best logged ID-val score among every run of the arm. For inter-training
+    that includes the runs started from phi_pt, as the reference's ``collect_results`` selects
+    over the whole recycling sweep (source 0 is one of its sources)."""
+    best = best_run(runs)
+    return Selected(
+        name, arm, "ID val", "run", (best.run_id,), sel.ev.run_accuracy(best.run_id, ID_VAL)
+    )
 
-    def build(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected | None:
-        candidates = [r for r in runs if r.init_source != PRETRAINED] if recycled_only else runs
-        if not candidates:
-            return None
-        best = best_run(candidates)
-        return Selected(
-            name, arm, "ID val", "run", (best.run_id,), sel.ev.run_accuracy(best.run_id, ID_VAL)
-        )
 
-    return build
+#: Suffix of the run id of a run's moving-average view.
+MA_SUFFIX = "@ma"
+
+
+def ma_views(runs: list[TargetRun]) -> list[TargetRun]:
+    """Each run that kept a moving average of its weights, as a run of its own whose weights
+    are that average (id ``<run_id>@ma``), so the evaluator caches its logits like a run's."""
+    return [
+        TargetRun(r.run_id + MA_SUFFIX, r.arm, r.init_source, math.nan, r.load_ma_state)
+        for r in runs
+        if r.load_ma_state is not None
+    ]
+
+
+def _ma_members(runs: list[TargetRun], sel: Selection) -> tuple[str, ...]:
+    views = ma_views(runs)
+    for view in views:
+        sel.ev.run_logits(view.run_id, view.load_state, ID_VAL)
+    return tuple(view.run_id for view in views)
+
+
+def _ma(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected | None:
+    """MA (Arpit et al.): each run's uniform trajectory average, scored as the mean over runs,
+    as the paper's MA row reports a mean over runs."""
+    members = _ma_members(runs, sel)
+    if not members:
+        return None
+    id_val = sum(sel.ev.run_accuracy(m, ID_VAL) for m in members) / len(members)
+    return Selected(name, arm, "uniform trajectory", "mean", members, id_val)
+
+
+def _ensemble_of_averages(
+    name: str, arm: str, runs: list[TargetRun], sel: Selection
+) -> Selected | None:
+    """Ensemble of averages (Arpit et al.): the mean logits of the runs' moving averages."""
+    members = _ma_members(runs, sel)
+    if not members:
+        return None
+    accuracy = sel.ev.ensemble_accuracy(members, ID_VAL)
+    return Selected(name, arm, "ensemble", "ensemble", members, accuracy)
 
 
 def _wise_ft(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
@@ -140,7 +178,9 @@ def _greedy(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selec
 STRATEGIES: dict[str, Strategy] = {
     strategy.name: strategy
     for strategy in (
-        Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val()),
+        Strategy("erm", "Vanilla fine-tuning (ID val)", "soups", _best_id_val),
+        Strategy("ma", "MA (uniform trajectory, mean over runs)", "soups", _ma),
+        Strategy("ensemble_ma", "Ensemble* of averages (EoA)", "soups", _ensemble_of_averages),
         Strategy("wise_ft", "WiSE fine-tuning", "soups", _wise_ft),
         Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble),
         Strategy("soup_uniform", "Model soups (uniform)", "soups", _uniform),
@@ -149,7 +189,7 @@ STRATEGIES: dict[str, Strategy] = {
             "inter_training",
             "Inter-training (ID val)",
             "ratatouille",
-            _best_id_val(recycled_only=True),
+            _best_id_val,
         ),
         Strategy(
             "ensemble_ratatouille",
@@ -157,14 +197,14 @@ STRATEGIES: dict[str, Strategy] = {
             "ratatouille",
             _ensemble,
         ),
-        Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val()),
+        Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val),
         Strategy("ratatouille_uniform", "Model ratatouille (uniform)", "ratatouille", _uniform),
         Strategy("ratatouille_greedy", "Model ratatouille (greedy)", "ratatouille", _greedy),
         Strategy(
             "robust_inter_training",
             "Robust inter-training (ID val)",
             "robust_ratatouille",
-            _best_id_val(recycled_only=True),
+            _best_id_val,
         ),
         Strategy(
             "robust_ratatouille_uniform",
@@ -174,15 +214,24 @@ STRATEGIES: dict[str, Strategy] = {
         ),
         Strategy(
             "robust_ratatouille_greedy",
-            "Robust model ratatouille (greedy)",
+            "Robust model ratatouille (restricted = greedy)",
             "robust_ratatouille",
             _greedy,
         ),
     )
 }
 
-#: The final model: the first group with a strategy present, its best ID-val member (ties go
-#: to the first, the uniform soup).
+#: ``reduce.final_model``'s default: the paper's main method, fixed before any score is seen.
+DEFAULT_FINAL = "ratatouille_uniform"
+#: When the configured strategy was not built in a cell (its arm is absent), the first of
+#: these that was: uniform averages first, as the default.
+FINAL_FALLBACK: tuple[str, ...] = (
+    "ratatouille_uniform",
+    "robust_ratatouille_uniform",
+    "soup_uniform",
+    "fusing",
+)
+#: The groups the ``best_id_val`` rule compares within: the first group with a strategy built.
 FINAL_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("ratatouille_uniform", "ratatouille_greedy"),
     ("robust_ratatouille_uniform", "robust_ratatouille_greedy"),
@@ -191,8 +240,90 @@ FINAL_CANDIDATES: tuple[tuple[str, ...], ...] = (
 )
 
 
+def _best_of_candidates(by_name: dict[str, Selected]) -> tuple[str, str] | None:
+    for names in FINAL_CANDIDATES:
+        present = [by_name[n] for n in names if n in by_name]
+        if present:
+            best = max(present, key=lambda s: s.id_val_acc)  # first of equals: the uniform soup
+            scores = ", ".join(f"{s.strategy} {100 * s.id_val_acc:.1f}%" for s in present)
+            return best.strategy, (
+                f"reduce.final_model={BEST_ID_VAL}: highest ID-val accuracy of {scores} (a "
+                "greedy soup maximizes ID val by construction, so this rule favours it)"
+            )
+    return None
+
+
+def choose_final(selected: list[Selected], rule: str) -> tuple[str, str]:
+    """The final model of a cell and why: ``rule`` is ``reduce.final_model``."""
+    by_name = {s.strategy: s for s in selected}
+    if rule == BEST_ID_VAL:
+        chosen = _best_of_candidates(by_name)
+        if chosen is not None:
+            return chosen
+    elif rule in by_name:
+        why = "the paper's main method" if rule == DEFAULT_FINAL else "as configured"
+        return rule, f"reduce.final_model={rule} ({why}; fixed before any score is seen)"
+    else:
+        for name in FINAL_FALLBACK:
+            if name in by_name:
+                return name, (
+                    f"reduce.final_model={rule} was not built in this cell (arm "
+                    f"{STRATEGIES[rule].arm!r} has no runs); {name} is the first of "
+                    f"{list(FINAL_FALLBACK)} that was"
+                )
+    raise ReduceError("no averaging or fusing strategy could be built; the sweep has no such arm")
+
+
+@dataclass(frozen=True)
+class DaggerStrategy:
+    """A ``uniform†`` row (paper Tables 1-2): the uniform average of every run of ``arm`` over
+    every split seed of a test domain (the reference's ``--trial_seed -1``: 20 runs x 3 splits
+    = 60 weights). No split's ID val is shared, so nothing is selected; it is one number per
+    test domain, built across cells by :func:`ratatouille.reducer.reduce.reduce_domain_dagger`.
+    ``after``: the per-split row it follows in the table."""
+
+    name: str
+    label: str
+    arm: str
+    after: str
+
+
+DAGGER_STRATEGIES: dict[str, DaggerStrategy] = {
+    d.name: d
+    for d in (
+        DaggerStrategy("soup_uniform_dagger", "Model soups (uniform†)", "soups", "soup_greedy"),
+        DaggerStrategy(
+            "ratatouille_uniform_dagger",
+            "Model ratatouille (uniform†)",
+            "ratatouille",
+            "ratatouille_greedy",
+        ),
+        DaggerStrategy(
+            "robust_ratatouille_uniform_dagger",
+            "Robust model ratatouille (uniform†)",
+            "robust_ratatouille",
+            "robust_ratatouille_greedy",
+        ),
+    )
+}
+
+
+def _table_order() -> tuple[str, ...]:
+    order: list[str] = []
+    for name in STRATEGIES:
+        order.append(name)
+        order.extend(d.name for d in DAGGER_STRATEGIES.values() if d.after == name)
+    return tuple(order)
+
+
+#: Every row of the comparison table, in the paper's order (a † row after its arm's rows).
+TABLE_ORDER: tuple[str, ...] = _table_order()
+
+
 def strategy_label(name: str) -> str:
     """The registered label of a strategy (its name when it is not registered)."""
+    if name in DAGGER_STRATEGIES:
+        return DAGGER_STRATEGIES[name].label
     return STRATEGIES[name].label if name in STRATEGIES else name
 
 

@@ -477,9 +477,11 @@ class Tracker:
         tags: Mapping[str, str],
         input_example: np.ndarray,
         aliases: Sequence[str] = (),
+        description: str = "",
     ) -> str:
         """The final model as a registered version (a new one only for weights not registered
-        yet under this name), with ``aliases`` moved onto it; returns the version."""
+        yet under this name), with ``aliases`` moved onto it and ``description`` (which rule
+        chose it, and why) as the version's description; returns the version."""
         digest = weights_sha256(model.state_dict())
         found = self.client.search_model_versions(
             f"name = '{registered_name}' and tags.{WEIGHTS_SHA256} = '{digest}'"
@@ -495,6 +497,8 @@ class Tracker:
                 {**tags, WEIGHTS_SHA256: digest},
                 input_example,
             )
+        if description:
+            self.client.update_model_version(registered_name, version, description=description)
         for alias in aliases:
             self.client.set_registered_model_alias(registered_name, alias, version)
         return version
@@ -604,6 +608,8 @@ def read_config_text(tracker: Tracker) -> str:
 def read_claims(tracker: Tracker) -> pd.DataFrame | None:
     """The claims table (``claims.csv``) of the tracker's parent run; None for a sweep reduced
     before the reducer computed claims."""
+    if tracker.parent_id is None:
+        return None
     run = tracker.client.get_run(tracker.parent_id)
     try:
         text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/claims.csv")
