@@ -183,9 +183,9 @@ def test_the_tune_callback_does_not_wait_for_a_slow_store(store):
         for number, trial in enumerate(trials):
             callback.on_trial_result(0, trials, trial, _report(step, number))
     elapsed = time.perf_counter() - started
-    # 100 reports in less time than one store call: the writer (>= 4 x 2 calls to create the
-    # runs, 200 ms at least) is still busy with the starts
-    assert elapsed < 0.05, elapsed
+    # written from Tune's loop, 100 reports would take 100 store calls (5 s); queued, they
+    # take less than 5 (a loaded machine's slack), while the writer still creates the runs
+    assert elapsed < 0.25, elapsed
     for trial in trials:
         callback.on_trial_complete(0, trials, trial)
     tracker.finish_parent()

@@ -77,6 +77,9 @@ RUNS_PAGE_QUERY = "workflowType=machine_learning"
 COMPARISON_TABLE = "comparison.json"
 #: How long the driver waits for queued writes before it ends a stage or the parent run.
 FLUSH_TIMEOUT_S = 600.0
+#: The writer's pause between passes: the MLflow UI lags at most this much (plus the writes),
+#: and a trial's reports meanwhile make one request. A flush writes at once.
+WRITE_INTERVAL_S = 2.0
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -307,7 +310,7 @@ class Tracker:
     @property
     def writer(self) -> MlflowWriter:
         if self._writer is None:  # a tracker that only reads never starts a thread
-            self._writer = MlflowWriter(self.client)
+            self._writer = MlflowWriter(self.client, interval_s=WRITE_INTERVAL_S)
         return self._writer
 
     def flush(self, timeout: float | None = FLUSH_TIMEOUT_S) -> None:

@@ -56,8 +56,10 @@ class MlflowWriter:
     """Runs writes submitted from any thread, one at a time and in submission order, on one
     daemon thread; `buffer_metrics` (called from a submitted op) merges points per run."""
 
-    def __init__(self, client: Any, name: str = "mlflow-writer"):
+    def __init__(self, client: Any, interval_s: float = 0.0, name: str = "mlflow-writer"):
         self.client = client
+        self.interval_s = interval_s
+        self._wake = threading.Event()  # set by flush and close: write now, not at the interval
         self.failures: list[Failure] = []
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._pending: dict[str, list[Metric]] = {}  # run id -> points; writer thread only
@@ -79,6 +81,7 @@ class MlflowWriter:
             return self._queue.empty()
         done = threading.Event()
         self._queue.put(_Op("flush", done.set))
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self, timeout: float | None = 60.0) -> bool:
@@ -88,6 +91,7 @@ class MlflowWriter:
         self._closed = True
         atexit.unregister(self.close)
         self._queue.put(_STOP)
+        self._wake.set()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -111,6 +115,10 @@ class MlflowWriter:
                     self._write_pending()  # points before a status change are written first
                 self._attempt(op.what, op.run)
             self._write_pending()
+            # Pause between passes: what arrives meanwhile is merged, fewer and larger
+            # requests. The GIL is the cost of a busy writer: Tune's loop shares it.
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
 
     def _write_pending(self) -> None:
         pending, self._pending = self._pending, {}
