@@ -165,8 +165,8 @@ def main() -> None:
         type=float,
         default=32.0,
         help="reports per second from all trials together (default 32: each of 64 trials "
-        "reporting every 2 s; ResNet-50 trials checkpointing every 100 steps, each with a "
-        "whole H100, send about 20)",
+        "reporting every 2 s; 64 trials checkpointing every 100 steps at 30 steps/s, an "
+        "assumed ResNet-50 rate on a whole H100, would send about 19)",
     )
     parser.add_argument("--reports", type=int, default=3, help="reports per trial per block")
     parser.add_argument(
