@@ -10,8 +10,10 @@ TensorBoard loggers, plus ours or a no-op in its place) and update the trial's l
 The MLflow side writes through our real ``Tracker`` to a real SQLite store in a temporary
 folder. Blocks alternate (none, MLflow, MLflow, none, ...) so a drifting machine load falls on
 both sides; the writer is drained between blocks, untimed, and the store is read back at the
-end: every report's points present once. Needs a local Ray (Tune's storage asks for its
-session folder); it starts one with one CPU.
+end: every report's points present once. P12 paces the reports at ``--rate``; a second line
+(``# P12 flat out``) sends them back to back, where the writer's SQLAlchemy work (about 8 ms of
+Python per request) competes with Tune's loop for the GIL the whole block. Needs a local Ray
+(Tune's storage asks for its session folder); it starts one with one CPU.
 """
 
 from __future__ import annotations
