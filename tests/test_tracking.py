@@ -53,7 +53,8 @@ def _logged_config_sha256(tracker: Tracker) -> str:
 
 
 def test_runs_carry_the_fluent_context_tags_the_version_and_the_config_hash(tracker):
-    trial = tracker.trial_started("k1", "target_soups_rot30_0", "target", {"arm": "soups"})
+    tracker.trial_started("k1", "target_soups_rot30_0", "target", {"arm": "soups"})
+    trial = tracker.trial_run("k1")
     reducer = tracker.reducer_run().info.run_id
     head, config_sha256 = _git_head(), _logged_config_sha256(tracker)
     for run_id in (tracker.parent_id, trial, reducer):

@@ -258,34 +258,51 @@ _LIVE_TRACKERS: dict[str, Tracker] = {}
 class MlflowTrialCallback(tune.Callback):
     """One MLflow child run per trial, written from the driver (one writer).
 
-    `Tuner.restore` brings back the callbacks pickled with the first run; this one therefore keeps
-    only the parent run id and writes through the tracker of the current process.
+    Each hook only queues its write on the tracker's writer thread (tracking.writer): Tune's
+    event loop never waits on the store. `Tuner.restore` brings back the callbacks pickled with
+    the first run; this one therefore keeps only the parent run id and writes through the
+    tracker of the current process.
     """
 
     def __init__(self, tracker: Tracker):
         assert tracker.parent_id is not None, "start the parent run before the stages"
         self.parent_id = tracker.parent_id
         _LIVE_TRACKERS[self.parent_id] = tracker
+        self._keys: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"parent_id": self.parent_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.parent_id, self._keys = state["parent_id"], {}
 
     @property
     def tracker(self) -> Tracker:
         return _LIVE_TRACKERS[self.parent_id]
 
+    def _key(self, trial: Any) -> str:
+        """A trial's key, parsed from its spec once (every report asks for it)."""
+        key = self._keys.get(trial.trial_id)
+        if key is None:
+            key = self._keys[trial.trial_id] = _spec_of(trial).key
+        return key
+
     def on_trial_start(self, iteration, trials, trial, **info):
         spec = _spec_of(trial)
+        self._keys[trial.trial_id] = spec.key
         self.tracker.trial_started(spec.key, spec.trial_name, spec.stage, spec.to_plain())
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.tracker.trial_result(_spec_of(trial).key, result)
+        self.tracker.trial_result(self._key(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.trial_finished(_spec_of(trial).key, metrics=trial.last_result)
+        self.tracker.trial_finished(self._key(trial), metrics=trial.last_result)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.tracker.trial_restarted(_spec_of(trial).key)
+        self.tracker.trial_restarted(self._key(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.trial_finished(_spec_of(trial).key, failed=True)
+        self.tracker.trial_finished(self._key(trial), failed=True)
 
 
 def _trial_name(trial: Any) -> str:
@@ -375,6 +392,7 @@ class StageRunner:
         else:
             tuner = self._new_tuner(stage, specs, trainable)
         grid = tuner.get_results() if self.restore_only else tuner.fit()
+        self.tracker.flush()  # the stage's trial records are in the store before it ends
         outcomes = self._outcomes(stage, grid, expected=len(specs))
         # Tune's result order differs between fit and restore; the reducer breaks ties by order.
         order = {spec.key: index for index, spec in enumerate(specs)}

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,16 @@ from mlflow.utils.mlflow_tags import (
 from ratatouille.core.errors import UserError
 from ratatouille.core.names import CURVE_METRICS, FINAL_METRICS, PLACEMENT_METRICS, MetricKey
 from ratatouille.core.paths import stable_path
+from ratatouille.tracking.writer import Failure, MlflowWriter
+
+log = logging.getLogger(__name__)
 
 ROLE = "ratatouille.role"
 TRIAL_KEY = "ratatouille.trial_key"
 RUN_DIR = "ratatouille.run_dir"
 ERROR = "ratatouille.error"
+#: On a parent run whose records are incomplete: how many MLflow writes failed, and the first.
+TRACKING_ERRORS = "ratatouille.tracking_errors"
 EXCLUDED = "ratatouille.excluded"
 VERSION = "ratatouille.version"
 CONFIG_SHA256 = "ratatouille.config_sha256"
@@ -69,6 +75,11 @@ TRAINING_KIND = "custom_model_development"
 #: GenAI/Model training switch, which defaults to GenAI, wins over the experiment's kind there).
 RUNS_PAGE_QUERY = "workflowType=machine_learning"
 COMPARISON_TABLE = "comparison.json"
+#: How long the driver waits for queued writes before it ends a stage or the parent run.
+FLUSH_TIMEOUT_S = 600.0
+#: The writer's pause between passes: the MLflow UI lags at most this much (plus the writes),
+#: and a trial's reports meanwhile make one request. A flush writes at once.
+WRITE_INTERVAL_S = 2.0
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -224,6 +235,9 @@ class Tracker:
         # The last step logged per trial run: a trial restarted from a checkpoint (or by a
         # --resume) may report a step again; its curves keep each step once.
         self._last_step: dict[str, int] = {}
+        # Trial writes, queued by Tune's callback; `_trial_runs` and `_last_step` are the
+        # writer thread's once it exists (the main thread reads them after a flush).
+        self._writer: MlflowWriter | None = None
 
     def _create_run(self, name: str, tags: Mapping[str, str]) -> str:
         """A run with the provenance tags, as if started by MLflow's fluent API."""
@@ -269,10 +283,20 @@ class Tracker:
         self.client.set_terminated(run_id)
 
     def finish_parent(self, status: str = "FINISHED") -> None:
-        """End the parent run; child runs still RUNNING (trials cut short by a stop) end with
-        the parent's status, so the store never shows a run as live after its driver left."""
+        """End the parent run once every queued write is in the store; child runs still
+        RUNNING (trials cut short by a stop) end with the parent's status, so the store never
+        shows a run as live after its driver left. Writes that failed for good turn FINISHED
+        into FAILED, with what was lost in a tag: the records are incomplete, not the sweep."""
         if not self.parent_id:
             return
+        self.flush()
+        failures = self._writer.failures if self._writer is not None else []
+        if failures:
+            status = "FAILED" if status == "FINISHED" else status
+            first = failures[0]
+            note = f"{len(failures)} MLflow writes failed; first: {first.what}: {first.error}"
+            log.error("%s; parent run %s marked %s", note, self.parent_id, status)
+            self.client.set_tag(self.parent_id, TRACKING_ERRORS, note[-4000:])
         live = self.client.search_runs(
             [self.experiment_id],
             f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'",
@@ -282,7 +306,24 @@ class Tracker:
             self.client.set_terminated(run.info.run_id, status=status)
         self.client.set_terminated(self.parent_id, status=status)
 
-    # -- trials -------------------------------------------------------------------------
+    # -- trials: written by the writer thread, in order; Tune's loop only enqueues ----------
+    @property
+    def writer(self) -> MlflowWriter:
+        if self._writer is None:  # a tracker that only reads never starts a thread
+            self._writer = MlflowWriter(self.client, interval_s=WRITE_INTERVAL_S)
+        return self._writer
+
+    def flush(self, timeout: float | None = FLUSH_TIMEOUT_S) -> None:
+        """Wait until every queued trial write is in the store (or has failed)."""
+        if self._writer is not None and not self._writer.flush(timeout):
+            self._writer.failures.append(Failure("flush", f"not done after {timeout} s"))
+            log.error("MLflow writes still queued after %s s; the parent run says so", timeout)
+
+    def trial_run(self, trial_key: str) -> str | None:
+        """The child run of a trial, once its queued start is written."""
+        self.flush()
+        return self._trial_runs.get(trial_key)
+
     def _existing_trial_runs(self) -> dict[str, str]:
         runs = self.client.search_runs(
             [self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=5000
@@ -293,16 +334,23 @@ class Tracker:
 
     def trial_started(
         self, trial_key: str, name: str, stage: str, plain_spec: Mapping[str, Any]
-    ) -> str:
-        """The child run of a trial; a restarted or resumed trial keeps its run."""
+    ) -> None:
+        """Queue the child run of a trial; a restarted or resumed trial keeps its run."""
+        assert self.parent_id is not None, "start the parent run before the trials"
+        params = trial_params(plain_spec)
+        self.writer.submit(
+            f"start of trial {name}", lambda: self._start_trial(trial_key, name, stage, params)
+        )
+
+    def _start_trial(self, trial_key: str, name: str, stage: str, params: dict[str, Any]) -> None:
         if trial_key in self._trial_runs:
             run_id = self._trial_runs[trial_key]
             self.client.update_run(run_id, status="RUNNING")
             if trial_key not in self._last_step:  # a run of an earlier driver (--resume)
                 history = self.client.get_metric_history(run_id, str(MetricKey.ID_VAL_ACC))
                 self._last_step[trial_key] = max((m.step for m in history), default=-1)
-            return run_id
-        assert self.parent_id is not None, "start the parent run before the trials"
+            return
+        assert self.parent_id is not None
         run_id = self._create_run(
             name,
             {
@@ -312,67 +360,93 @@ class Tracker:
                 "stage": str(stage),
             },
         )
-        params = [Param(key, str(value)) for key, value in trial_params(plain_spec).items()]
-        self.client.log_batch(run_id, params=params)
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self._trial_runs[trial_key] = run_id
-        return run_id
 
     def trial_result(self, trial_key: str, metrics: Mapping[str, Any]) -> None:
-        run_id = self._trial_runs.get(trial_key)
-        if run_id is None or MetricKey.STEP not in metrics:
+        """Queue a report's curve points; the writer merges a run's queued points into one
+        request (on a cluster every request is a round trip to the server)."""
+        if MetricKey.STEP not in metrics:
             return
-        step = int(metrics[MetricKey.STEP])
-        if step <= self._last_step.get(trial_key, -1):
-            return  # trained again after a restart: the curve already has this step
-        self._last_step[trial_key] = step
-        # One request per checkpoint: on a cluster every call is a round trip to the server.
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(str(key), float(metrics[key]), now, step)
+        step, now = int(metrics[MetricKey.STEP]), int(time.time() * 1000)
+        values = {
+            str(key): float(metrics[key])
             for key in CURVE_METRICS
             if isinstance(metrics.get(key), (int, float))
-        ]
-        self.client.log_batch(run_id, metrics=batch)
+        }
+        self.writer.submit(
+            f"step {step} of trial {trial_key}",
+            lambda: self._buffer_result(trial_key, step, values, now),
+            buffers=True,
+        )
+
+    def _buffer_result(self, trial_key: str, step: int, values: dict[str, float], now: int) -> None:
+        run_id = self._trial_runs.get(trial_key)
+        if run_id is None or step <= self._last_step.get(trial_key, -1):
+            return  # trained again after a restart: the curve already has this step
+        self._last_step[trial_key] = step
+        points = [Metric(key, value, now, step) for key, value in values.items()]
+        self.writer.buffer_metrics(run_id, points)
+
+    def _on_trial_run(self, what: str, trial_key: str, write: Callable[[str], Any]) -> None:
+        """Queue ``write(run_id)`` for a trial's run, if the trial has one by then."""
+
+        def apply() -> None:
+            run_id = self._trial_runs.get(trial_key)
+            if run_id is not None:
+                write(run_id)
+
+        self.writer.submit(f"{what} of trial {trial_key}", apply)
 
     def trial_error(self, trial_key: str, error: str) -> None:
         """The last line of a failed trial's error, so the MLflow UI says why it failed."""
-        run_id = self._trial_runs.get(trial_key)
-        if run_id is not None:
-            self.client.set_tag(run_id, ERROR, error[-4000:])
+        self._on_trial_run(
+            "error", trial_key, lambda run: self.client.set_tag(run, ERROR, error[-4000:])
+        )
 
     def trial_excluded(self, trial_key: str, reason: str) -> None:
         """Tag a trial left out of every strategy with the reason (a diverged loss)."""
-        run_id = self._trial_runs.get(trial_key)
-        if run_id is not None:
-            self.client.set_tag(run_id, EXCLUDED, reason[-4000:])
+        self._on_trial_run(
+            "exclusion", trial_key, lambda run: self.client.set_tag(run, EXCLUDED, reason[-4000:])
+        )
 
     def trial_restarted(self, trial_key: str) -> None:
         """Count restarts from checkpoints (FailureConfig) on the trial's run."""
-        run_id = self._trial_runs.get(trial_key)
-        if run_id is not None:
+
+        def count(run_id: str) -> None:
             tags = self.client.get_run(run_id).data.tags
             self.client.set_tag(run_id, "ray.restarts", int(tags.get("ray.restarts", 0)) + 1)
+
+        self._on_trial_run("restart", trial_key, count)
 
     def trial_finished(
         self, trial_key: str, failed: bool = False, metrics: Mapping[str, Any] | None = None
     ) -> None:
-        run_id = self._trial_runs.get(trial_key)
-        if run_id is not None:
-            metrics = metrics or {}
-            for key in FINAL_METRICS:
-                if isinstance(metrics.get(key), (int, float)):
-                    self.client.log_metric(run_id, str(key), float(metrics[key]))
-            for key in PLACEMENT_METRICS:
-                if key in metrics:
-                    self.client.set_tag(run_id, f"ray.{key}", str(metrics[key]))
-            if isinstance(metrics.get(MetricKey.DATA_INPUT), str):
-                record = json.loads(metrics[MetricKey.DATA_INPUT])
-                self._log_inputs(run_id, [("training", record)])
-            self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        final = dict(metrics or {})  # Tune updates its result dicts in place later
+        status = "FAILED" if failed else "FINISHED"
+        self._on_trial_run("end", trial_key, lambda run: self._finish_trial(run, final, status))
+
+    def _finish_trial(self, run_id: str, metrics: Mapping[str, Any], status: str) -> None:
+        now = int(time.time() * 1000)
+        finals = [
+            Metric(str(key), float(metrics[key]), now, 0)
+            for key in FINAL_METRICS
+            if isinstance(metrics.get(key), (int, float))
+        ]
+        tags = [
+            RunTag(f"ray.{key}", str(metrics[key])) for key in PLACEMENT_METRICS if key in metrics
+        ]
+        if finals or tags:
+            self.client.log_batch(run_id, metrics=finals, tags=tags)
+        if isinstance(metrics.get(MetricKey.DATA_INPUT), str):
+            record = json.loads(metrics[MetricKey.DATA_INPUT])
+            self._log_inputs(run_id, [("training", record)])
+        self.client.set_terminated(run_id, status=status)
 
     # -- reducer ------------------------------------------------------------------------
     def reducer_run(self) -> Run:
         """The one reducer child run of this parent, created on first use, reused after."""
+        self.flush()  # the trials' queued records come first
         runs = self.client.search_runs(
             [self.experiment_id],
             f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{ROLE}` = 'reducer'",
