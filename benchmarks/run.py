@@ -7,9 +7,14 @@ and whose command line accepts ``--quick`` (sizes that keep the whole run under 
 ``P<k> <what>: <value> <details>``, both sides measured in that same run. Each script runs in
 its own process, so that one crash, one leaked thread pool or one peak of memory does not touch
 the others; a script that fails or omits a figure it declared gets ``P<k> FAILED: <reason>``
-and the runner exits 1 once every script has run.
+and the runner exits 1 once every script has run. Without a CUDA device, a CUDA figure the script
+did not print is ``P<k> not measured: no CUDA device`` (never estimated), not a failure.
 
-    python benchmarks/run.py [--full] [--cuda-only] [--out benchmarks/results.txt]
+``--docs docs/performance.md`` also rewrites the part of that file between
+``<!-- bench:begin -->`` and ``<!-- bench:end -->`` (``bench-cuda`` markers with
+``--cuda-only``) with this run's header and lines, so the page is regenerated, not hand-copied.
+
+    python benchmarks/run.py [--full] [--cuda-only] [--out benchmarks/results.txt] [--docs FILE]
 """
 
 from __future__ import annotations
@@ -81,8 +86,11 @@ def header() -> list[str]:
     ]
 
 
-def run_script(script: Path, figures: dict[str, str], args: list[str]) -> tuple[list[str], bool]:
-    """The script's P-lines in the order printed, plus a FAILED line per missing figure."""
+def run_script(
+    script: Path, figures: dict[str, str], args: list[str], cuda: bool
+) -> tuple[list[str], bool]:
+    """The script's P-lines in the order printed, plus a FAILED (or, for a CUDA figure on a
+    machine without CUDA, a not measured) line per missing figure."""
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -98,13 +106,16 @@ def run_script(script: Path, figures: dict[str, str], args: list[str]) -> tuple[
         code, reason = -1, f"timed out after {SCRIPT_TIMEOUT_S} s"
     lines = [line for line in output.splitlines() if FIGURE_LINE.match(line)]
     printed = {FIGURE_LINE.match(line).group(1) for line in lines}  # type: ignore[union-attr]
-    missing = [k for k in figures if k not in printed]
+    unmeasurable = [k for k, kind in figures.items() if kind == "cuda" and not cuda]
+    lines += [f"{k} not measured: no CUDA device" for k in unmeasurable if k not in printed]
+    missing = [k for k in figures if k not in printed and k not in unmeasurable]
     if code == 0 and missing:
         reason = "the script ended without printing it"
     lines += [f"{k} FAILED: {script.name}: {reason}" for k in missing]
     took = time.perf_counter() - start
     print(f"# {script.name}: {took:.0f} s", file=sys.stderr)
-    return lines, code == 0 and not missing and not any(" FAILED" in x for x in lines)
+    failed = any(FIGURE_LINE.match(x) and x.split(" ", 1)[1].startswith("FAILED") for x in lines)
+    return lines, code == 0 and not missing and not failed
 
 
 def _last_error(stderr: str) -> str:
@@ -112,23 +123,40 @@ def _last_error(stderr: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def update_docs(path: Path, lines: list[str], marker: str) -> None:
+    """Replace the text between the page's ``marker`` comments with ``lines`` (a code block)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    page = path.read_text()
+    if begin not in page or end not in page:
+        raise SystemExit(f"{path} has no {begin} ... {end} section to regenerate; add one")
+    head, rest = page.split(begin, 1)
+    body = "\n".join(["", "```", *lines, "```", ""])
+    path.write_text(head + begin + body + end + rest.split(end, 1)[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="paper-sized runs (not --quick)")
     parser.add_argument("--cuda-only", action="store_true", help="only the CUDA figures")
     parser.add_argument("--out", default=str(HERE / "results.txt"), help="copy of the output")
+    parser.add_argument("--docs", help="page whose bench section this run rewrites")
     args = parser.parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
     script_args = ([] if args.full else ["--quick"]) + (["--cuda-only"] if args.cuda_only else [])
     lines = header()
     print("\n".join(lines), flush=True)
     ok = True
     for script, figures in discover(args.cuda_only):
-        got, script_ok = run_script(script, figures, script_args)
+        got, script_ok = run_script(script, figures, script_args, cuda)
         print("\n".join(got), flush=True)
         lines += got
         ok = ok and script_ok
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"# written to {args.out}", file=sys.stderr)
+    if args.docs:
+        update_docs(Path(args.docs), lines, "bench-cuda" if args.cuda_only else "bench")
     return 0 if ok else 1
 
 

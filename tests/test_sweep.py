@@ -117,3 +117,35 @@ def test_pool_names_are_valid_for_hub_style_arch_names(tmp_path):
     _check_name(name)  # the pool accepts it
     with pytest.raises(PoolError):
         _check_name("digits-hf-hub:timm/resnet50")  # the unsanitised form it would refuse
+
+
+def _fake_sizes(dataset):
+    """Images per domain: the target's four domains differ, so a wrong test domain shows."""
+    return [100, 200, 300, 400] if dataset == "digits" else [50]
+
+
+def test_plan_prices_each_stage_at_what_it_costs(tmp_path):
+    from ratatouille.recipe.sweep import Rates, evaluations, plan_rows
+
+    config = tiny_config(tmp_path, target={"checkpoint_freq": 5})
+    rows = plan_rows(config, experiment_cells(config), _fake_sizes, Rates(100.0, 1000.0, "x"))
+    got = {r["stage"]: (r["trials"], r["images"], r["eval_images"]) for r in rows}
+    # Held-out rot30 (300 images): 700 training-domain images, ID-val = 20 % of them = 140.
+    # pretrain: 30 steps x 32 x 1 domain; ID-val (10 of 50) at steps 0, 10, 20, 29.
+    # aux: 2 tasks x 12 steps x 32; ID-val at steps 0, 6, 11.
+    # probe: features of the 560 ID-train images once + one ID-val pass = 700, no training.
+    # target: 3 arms x 3 runs x 12 steps x 32 x 3 domains; ID-val at steps 0, 5, 10, 11, then
+    # the 300 test images once.
+    # reduce: per arm, greedy 2 + uniform 1 ID-val passes, both soups once on OOD.
+    assert got == {
+        "pretrain": (1, 30 * 32, 4 * 10),
+        "aux": (2, 2 * 12 * 32, 2 * 3 * 10),
+        "probe": (1, 0, 700),
+        "target": (9, 9 * 12 * 32 * 3, 9 * (4 * 140 + 300)),
+        "reduce": (0, 0, 3 * (3 * 140 + 2 * 300)),
+    }
+    train = 30 * 32 + 2 * 12 * 32 + 9 * 12 * 32 * 3
+    evals = 40 + 60 + 700 + 9 * 860 + 3 * 1020
+    hours = sum(r["gpu_hours"] for r in rows)
+    assert hours == pytest.approx((train / 100 + evals / 1000) / 3600)
+    assert [evaluations(n, f) for n, f in ((12, 3), (12, 5), (400, 50), (1, 7))] == [5, 4, 9, 1]
