@@ -118,6 +118,11 @@ def run_script(
     return lines, code == 0 and not missing and not failed
 
 
+def figure_number(line: str) -> int:
+    match = FIGURE_LINE.match(line)
+    return int(match.group(1)[1:]) if match else 0
+
+
 def _last_error(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
@@ -147,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     script_args = ([] if args.full else ["--quick"]) + (["--cuda-only"] if args.cuda_only else [])
     lines = header()
     print("\n".join(lines), flush=True)
-    ok = True
+    ok, figures_lines = True, []
     for script, figures in discover(args.cuda_only):
         got, script_ok = run_script(script, figures, script_args, cuda)
         print("\n".join(got), flush=True)
-        lines += got
+        figures_lines += got
         ok = ok and script_ok
+    lines += sorted(figures_lines, key=figure_number)  # the file and the page read P1, P2, ...
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"# written to {args.out}", file=sys.stderr)
     if args.docs:

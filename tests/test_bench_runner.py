@@ -71,3 +71,8 @@ def test_docs_section_is_rewritten_and_the_rest_kept(runner, tmp_path):
     )
     with pytest.raises(SystemExit, match="bench-cuda:begin"):
         runner.update_docs(page, [], "bench-cuda")
+
+
+def test_figures_are_listed_by_number_whatever_the_script_order(runner):
+    lines = ["P10 not measured: no CUDA device", "P8 b: 1", "P1 a: 2"]
+    assert sorted(lines, key=runner.figure_number) == [lines[2], lines[1], lines[0]]
