@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 
-.PHONY: quickstart test lint format clean
+.PHONY: quickstart test lint format clean bench bench-cuda
 
 $(VENV)/.installed-base: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ $(TOOLS)/.unpacked:
 
 test: $(VENV)/.installed-test $(TOOLS)/.unpacked
 	$(BIN)/python -m pytest
+
+# Every speed and memory figure (P1..P12 of docs/performance.md), each against its baseline
+# in one run, with the machine; under 15 minutes on 2 cores. Not part of `make test`.
+# `make bench-cuda` runs only the CUDA figures (on a GPU machine). Both rewrite their section of
+# docs/performance.md and keep a copy in benchmarks/results*.txt.
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/run.py --docs docs/performance.md
+
+bench-cuda: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/run.py --cuda-only --out benchmarks/results-cuda.txt \
+		--docs docs/performance.md
 
 # The habits that keep the layout: lint and format checks, and the type check (pyproject.toml).
 LINTED := ratatouille tests benchmarks experiments

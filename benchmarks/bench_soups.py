@@ -1,70 +1,160 @@
-"""Peak memory of averaging M state dicts: the streaming `uniform_soup` vs stacking them all.
+"""Soups of M checkpoints read from disk: loads, peak memory and time, each against its baseline.
 
-Each route runs in a fresh process that loads M ResNet-50-sized featurizer states one at a time
-from loaders (as the reducer does from checkpoints) and reports its peak resident memory above
-the baseline. The streaming soup holds one accumulator and the current input; the naive route
-(what a `torch.stack(...).mean(0)` implementation does) holds all M.
+The M files are safetensors featurizer states of one architecture (ResNet-50 by default, random
+weights), read with ``safetensors.torch.load_file`` as the reducer reads trial checkpoints.
 
-    python benchmarks/bench_soups.py [--models 10] [--arch resnet50]
+- P2: the greedy soup reads each of the M checkpoints once. The load function is wrapped and
+  counts its calls; the greedy soup is driven by an evaluation that keeps some runs and rejects
+  others, so both branches run.
+- P3: peak resident memory of ``uniform_soup`` over M = 40 files vs M = 5, each in a fresh
+  process. The kernel's high-water mark of resident pages (``VmHWM``, reset to the current RSS
+  through ``/proc/self/clear_refs`` after the imports) is used rather than tracemalloc: torch
+  allocates tensor storage outside Python's allocator, which tracemalloc does not see, and the
+  peak that kills a node includes deserialisation buffers and allocator slack. Not
+  ``ru_maxrss``: Linux carries it over fork and exec, so a child reports its parent's peak.
+  Linux only.
+- P4: ``uniform_soup`` time vs the time to only read the bytes of the same M files, in one
+  process, the page cache warmed by a first read of every file.
+
+    python benchmarks/bench_soups.py [--quick] [--arch resnet50] [--models 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
+
+FIGURES = {"P2": "cpu", "P3": "cpu", "P4": "cpu"}  # benchmarks/run.py: the figures printed here
+P3_GOAL, P4_GOAL = 1.15, 1.5
 
 CHILD = r"""
-import json, resource, sys, time, torch, timm
+import json, sys, time
+from pathlib import Path
+from safetensors.torch import load_file
 from ratatouille.merging.soups import uniform_soup
-arch, models, route = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-torch.manual_seed(0)
-reference = timm.create_model(arch, num_classes=0).state_dict()
-shapes = {k: (v.shape, v.dtype) for k, v in reference.items()}
-def load(i):
-    g = torch.Generator().manual_seed(i)
-    return {k: (torch.randn(s, generator=g).to(d) if d.is_floating_point
-                else torch.zeros(s, dtype=d))
-            for k, (s, d) in shapes.items()}
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start = time.perf_counter()
-if route == "streaming":
-    soup = uniform_soup(load(i) for i in range(models))
+folder, models, task = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+paths = sorted(folder.glob("*.safetensors"))[:models]
+def status_mib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+def read_only():  # the bytes themselves: load_file maps the file and may touch no page
+    for path in paths:
+        data = path.read_bytes()
+        del data
+def soup():
+    return uniform_soup(load_file(str(path)) for path in paths)
+def timed(fn):
+    start = time.perf_counter(); fn(); return time.perf_counter() - start
+if task == "memory":
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS now
+    base = status_mib("VmRSS"); result = soup()
+    print(json.dumps({"peak_mib": status_mib("VmHWM") - base}))
 else:
-    states = [load(i) for i in range(models)]
-    soup = {k: (torch.stack([s[k] for s in states]).mean(0) if states[0][k].is_floating_point()
-                else states[0][k]) for k in states[0]}
-seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mib": (peak - base) / 1024, "seconds": seconds}))
+    read_only()  # warm the page cache for both routes
+    print(json.dumps({"read_s": timed(read_only), "soup_s": timed(soup)}))
 """
 
 
-def measure(arch: str, models: int, route: str) -> dict:
+def write_states(folder: Path, arch: str, models: int) -> float:
+    """M random states of ``arch``'s featurizer; returns one file's size in MiB."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    shapes = {
+        k: (v.shape, v.dtype)
+        for k, v in timm.create_model(arch, num_classes=0).state_dict().items()
+    }
+    for i in range(models):
+        g = torch.Generator().manual_seed(i)
+        state = {
+            k: torch.randn(s, generator=g).to(d) if d.is_floating_point else torch.zeros(s, dtype=d)
+            for k, (s, d) in shapes.items()
+        }
+        save_file(state, str(folder / f"run{i:03d}.safetensors"))
+    return (folder / "run000.safetensors").stat().st_size / 2**20
+
+
+def child(folder: Path, models: int, task: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, arch, str(models), route],
+        [sys.executable, "-c", CHILD, str(folder), str(models), task],
         capture_output=True,
         text=True,
-        check=True,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"child {task} M={models} failed: {done.stderr.strip()[-300:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def greedy_loads(folder: Path, models: int) -> tuple[int, int]:
+    """(file reads, runs kept) of one greedy soup over the first M files."""
+    from safetensors.torch import load_file
+
+    from ratatouille.merging.soups import greedy_soup
+
+    paths = sorted(folder.glob("*.safetensors"))[:models]
+    reads = 0
+
+    def counted_load(path: Path):
+        nonlocal reads
+        reads += 1
+        return load_file(str(path))
+
+    rng = random.Random(0)  # an ID-val score that sometimes improves, sometimes drops
+    result = greedy_soup(
+        [lambda p=p: counted_load(p) for p in paths],
+        [0.2 - i / (10 * models) for i in range(models)],
+        lambda state: rng.random(),
+    )
+    return reads, len(result.selected)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--models", type=int, default=10)
+    parser.add_argument("--models", type=int, default=40, help="M of P2, P3 (vs 5) and P4")
+    parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
+    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d')}  averaging {args.models} x {args.arch} featurizer states")
-    results = {
-        route: measure(args.arch, args.models, route) for route in ("streaming", "stack all")
-    }
-    for route, r in results.items():
-        print(f"  {route:<10} peak +{r['peak_mib']:8.0f} MiB   {r['seconds']:6.2f} s")
-    ratio = results["stack all"]["peak_mib"] / max(results["streaming"]["peak_mib"], 1e-9)
-    print(f"  memory ratio stack-all / streaming: {ratio:.1f}x")
+    if args.cuda_only:
+        return
+    small = 5
+    with tempfile.TemporaryDirectory(prefix="bench_soups_") as tmp:
+        folder = Path(tmp)
+        size = write_states(folder, args.arch, args.models)
+        print(f"{args.models} x {args.arch} featurizer states, {size:.0f} MiB each, in {folder}")
+
+        reads, kept = greedy_loads(folder, args.models)
+        print(
+            f"P2 greedy soup checkpoint loads for M={args.models} runs: {reads} "
+            f"({reads / args.models:.2f} per run, {kept} kept; goal M: "
+            f"{'meets' if reads == args.models else 'MISSES'})"
+        )
+
+        big_peak = child(folder, args.models, "memory")["peak_mib"]
+        small_peak = child(folder, small, "memory")["peak_mib"]
+        ratio = big_peak / small_peak
+        print(
+            f"P3 uniform soup peak memory M={args.models} vs M={small}: {ratio:.2f}x "
+            f"(+{big_peak:.0f} MiB vs +{small_peak:.0f} MiB above baseline, VmHWM, "
+            f"one {args.arch} file = {size:.0f} MiB; goal <= {P3_GOAL}x: "
+            f"{'meets' if ratio <= P3_GOAL else 'MISSES'})"
+        )
+
+        times = child(folder, args.models, "time")
+        ratio = times["soup_s"] / times["read_s"]
+        print(
+            f"P4 uniform soup time vs only reading the M={args.models} files: {ratio:.2f}x "
+            f"({times['soup_s']:.2f} s vs {times['read_s']:.2f} s, page cache warm; goal <= "
+            f"{P4_GOAL}x: {'meets' if ratio <= P4_GOAL else 'MISSES'})"
+        )
 
 
 if __name__ == "__main__":

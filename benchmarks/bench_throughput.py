@@ -2,8 +2,9 @@
 
 On CUDA: float32 vs bf16 autocast (what `fine_tune` uses on a GPU). On CPU: one thread vs every
 core (what `torch.set_num_threads` = the trial's CPUs buys, since Ray's launcher exports
-OMP_NUM_THREADS=1). The images/s feed `resources.images_per_second`, which `ratatouille plan`
-turns into GPU-hours.
+OMP_NUM_THREADS=1). `ratatouille bench-throughput CONFIG` measures a config's own model, image
+size and batch (bf16 on CUDA) and writes the figures that `ratatouille plan` turns into
+GPU-hours; this script shows what the precision or the threads change.
 
     python benchmarks/bench_throughput.py                      # test_resnet, 16 px, CPU
     python benchmarks/bench_throughput.py --arch resnet50 --image-size 224 --device cuda

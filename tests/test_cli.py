@@ -259,3 +259,72 @@ def test_pool_commands_share_the_cli_error_handler(tmp_path, capsys):
         "test_resnet",
     )
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def _tiny_yaml(tmp_path, name="tiny"):
+    import yaml
+
+    from tiny import TINY
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "name": name}))
+    return path
+
+
+def _total_hours(out):
+    return float(out.split("total ")[1].split()[0])
+
+
+def test_bench_throughput_writes_what_plan_then_uses(tmp_path, capsys):
+    import json
+
+    config = _tiny_yaml(tmp_path)
+    code, out, _ = _run(capsys, "bench-throughput", str(config), "--steps", "2")
+    assert code == 0
+    written = tmp_path / "tiny.throughput.json"  # beside the config, named after it
+    measured = json.loads(written.read_text())
+    # test_resnet at the embedded benchmark's 16 px; 32 images x 3 training domains per step
+    assert (measured["arch"], measured["image_size"], measured["batch"]) == ("test_resnet", 16, 96)
+    assert measured["device"].startswith("cpu (1 threads")  # resources.cpus_per_trial: 1
+    assert measured["train_images_per_s"] == pytest.approx(96 * measured["train_steps_per_s"])
+    assert measured["eval_images_per_s"] > 0
+
+    # Round rates, written by hand, so that the GPU-hours can be checked by hand.
+    written.write_text(
+        json.dumps({**measured, "train_images_per_s": 50.0, "eval_images_per_s": 500.0})
+    )
+    code, out, _ = _run(capsys, "plan", str(config))
+    assert code == 0
+    assert f"measured on {measured['device']} at {measured['measured_at']}" in out
+    # TINY: pretrain 960 + aux 768 + target 10,368 training images (test_plan_prices_each_
+    # stage_at_what_it_costs); evaluation: sizes of the embedded domains (300 each, T0 and
+    # aux 597): pretrain 4 x 119, aux 2 x 3 x 119, probe 900, target 9 x (5 x 180 + 300),
+    # reduce 3 x (3 x 180 + 2 x 300).
+    train = 960 + 768 + 9 * 12 * 32 * 3
+    evals = 4 * 119 + 6 * 119 + 900 + 9 * (5 * 180 + 300) + 3 * (3 * 180 + 600)
+    assert _total_hours(out) == pytest.approx((train / 50 + evals / 500) / 3600, abs=0.005)
+
+
+def test_plan_says_when_its_rates_are_assumed(tmp_path, capsys):
+    import json
+
+    config = _tiny_yaml(tmp_path)
+    code, out, _ = _run(capsys, "plan", str(config))
+    assert code == 0 and "assumed" in out and "measured" not in out
+    other = {
+        "arch": "resnet50",
+        "image_size": 224,
+        "batch": 96,
+        "device": "NVIDIA H100",
+        "measured_at": "2026-11-26T00:00:00+00:00",
+        "train_steps_per_s": 1.0,
+        "train_images_per_s": 96.0,
+        "eval_images_per_s": 300.0,
+    }
+    (tmp_path / "tiny.throughput.json").write_text(json.dumps(other))
+    code, out, err = _run(capsys, "plan", str(config))
+    assert code == 0 and "assumed" in out
+    assert "resnet50 at 224 px" in err and "test_resnet at 16 px" in err
+    (tmp_path / "tiny.throughput.json").write_text("{not json")
+    code, _, err = _run(capsys, "plan", str(config))
+    assert code == 2 and "tiny.throughput.json" in err and "bench-throughput" in err

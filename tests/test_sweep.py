@@ -187,9 +187,14 @@ def test_one_probe_per_aux_task_shared_by_that_tasks_runs(reference, tmp_path):
 
 
 def test_plan_counts_the_aux_probes(reference):
-    rows = {r["stage"]: r for r in plan_rows(reference, experiment_cells(reference), lambda _: 4)}
+    from ratatouille.recipe.sweep import Rates
+
+    cells = experiment_cells(reference)
+    rows = {r["stage"]: r for r in plan_rows(reference, cells, _fake_sizes, Rates(1.0, 1.0, "x"))}
     assert rows["aux_probe"]["trials"] == 3
     assert rows["aux_probe"]["steps"] == 7 + 5001 + 15001
+    # one feature extraction over every image of each task (50 each); no training images
+    assert (rows["aux_probe"]["images"], rows["aux_probe"]["eval_images"]) == (0, 3 * 50)
     assert rows["aux"]["trials"] == 12
     assert rows["aux"]["steps"] == 4 * (7 + 5001 + 15001)
 
@@ -301,3 +306,35 @@ def test_a_weights_file_is_identified_by_its_content_not_its_path(tmp_path):
     mtime = path.stat().st_mtime_ns + 10**9  # a coarse clock could repeat the first mtime
     os.utime(path, ns=(mtime, mtime))
     assert aux_entry_name(config, "digits_aux_flipped", 0) != before
+
+
+def _fake_sizes(dataset):
+    """Images per domain: the target's four domains differ, so a wrong test domain shows."""
+    return [100, 200, 300, 400] if dataset == "digits" else [50]
+
+
+def test_plan_prices_each_stage_at_what_it_costs(tmp_path):
+    from ratatouille.recipe.sweep import Rates, evaluations, plan_rows
+
+    config = tiny_config(tmp_path, target={"checkpoint_freq": 5})
+    rows = plan_rows(config, experiment_cells(config), _fake_sizes, Rates(100.0, 1000.0, "x"))
+    got = {r["stage"]: (r["trials"], r["images"], r["eval_images"]) for r in rows}
+    # Held-out rot30 (300 images): 700 training-domain images, ID-val = 20 % of them = 140.
+    # pretrain: 30 steps x 32 x 1 domain; ID-val (10 of 50) at steps 0, 10, 20, 29.
+    # aux: 2 tasks x 12 steps x 32; ID-val at steps 0, 6, 11.
+    # probe: features of the 560 ID-train images once + one ID-val pass = 700, no training.
+    # target: 3 arms x 3 runs x 12 steps x 32 x 3 domains; ID-val at steps 0, 5, 10, 11, then
+    # the 300 test images once.
+    # reduce: per arm, greedy 2 + uniform 1 ID-val passes, both soups once on OOD.
+    assert got == {
+        "pretrain": (1, 30 * 32, 4 * 10),
+        "aux": (2, 2 * 12 * 32, 2 * 3 * 10),
+        "probe": (1, 0, 700),
+        "target": (9, 9 * 12 * 32 * 3, 9 * (4 * 140 + 300)),
+        "reduce": (0, 0, 3 * (3 * 140 + 2 * 300)),
+    }
+    train = 30 * 32 + 2 * 12 * 32 + 9 * 12 * 32 * 3
+    evals = 40 + 60 + 700 + 9 * 860 + 3 * 1020
+    hours = sum(r["gpu_hours"] for r in rows)
+    assert hours == pytest.approx((train / 100 + evals / 1000) / 3600)
+    assert [evaluations(n, f) for n, f in ((12, 3), (12, 5), (400, 50), (1, 7))] == [5, 4, 9, 1]

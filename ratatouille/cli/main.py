@@ -1,4 +1,4 @@
-"""`ratatouille run | reduce | report | pool | plan`."""
+"""`ratatouille run | reduce | report | pool | plan | bench-throughput`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="print trials per stage and the compute they need")
     _add_overrides(plan)
+    plan.add_argument(
+        "--throughput",
+        help="measurements from `ratatouille bench-throughput` (default: CONFIG's "
+        "<name>.throughput.json beside it, when it exists)",
+    )
+
+    bench = commands.add_parser(
+        "bench-throughput",
+        help="measure the config's model on this machine's device, for `plan`",
+    )
+    bench.add_argument("config", help="experiment YAML")
+    bench.add_argument(
+        "--out", help="JSON file to write (default: <name>.throughput.json beside CONFIG)"
+    )
+    bench.add_argument("--steps", type=int, default=20, help="timed steps (after 3 warm-up ones)")
+    bench.add_argument(
+        "--device",
+        help="torch device (default: cuda when present, else cpu); on the CPU, "
+        "resources.cpus_per_trial threads, as a trial gets",
+    )
 
     for name, text in (
         ("reduce", "rerun only the reducer on a finished sweep"),
@@ -128,13 +148,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     config = apply_overrides(load_config(args.config), args)
-    from ratatouille.recipe.checks import domain_names, experiment_cells
-    from ratatouille.recipe.sweep import format_plan, plan_rows
+    from ratatouille.recipe.checks import experiment_cells
+    from ratatouille.recipe.sweep import domain_sizes_of, format_plan, plan_rates, plan_rows
 
-    def n_domains(dataset: str) -> int:
-        return len(domain_names(dataset, config.seed))
+    rates, note = plan_rates(config, args.config, args.throughput)
+    if note:
+        print(note, file=sys.stderr)
+    sizes = domain_sizes_of(config.seed)
+    print(format_plan(plan_rows(config, experiment_cells(config), sizes, rates), rates))
+    return EXIT_OK
 
-    print(format_plan(plan_rows(config, experiment_cells(config), n_domains), config))
+
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from ratatouille.recipe.sweep import bench_throughput
+
+    result, out = bench_throughput(config, args.config, args.out, args.device, args.steps)
+    print(
+        f"{result.arch} at {result.image_size} px, batch {result.batch} on {result.device}: "
+        f"{result.train_steps_per_s:.2f} training steps/s = {result.train_images_per_s:.1f} "
+        f"training images/s, {result.eval_images_per_s:.1f} evaluation images/s; written to "
+        f"{out} (`ratatouille plan {args.config}` reads it)"
+    )
     return EXIT_OK
 
 
@@ -169,6 +204,7 @@ def _cmd_pool(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": _cmd_run,
     "plan": _cmd_plan,
+    "bench-throughput": _cmd_bench_throughput,
     "reduce": _cmd_reduce,
     "report": _cmd_report,
     "pool": _cmd_pool,

@@ -219,7 +219,16 @@ class ResourcesConfig(_Section):
     max_concurrent_trials: int | None = Field(None, gt=0)
     max_failures: int = Field(2, ge=0)
     images_per_second: float = Field(
-        400.0, gt=0.0, description="assumed throughput per trial, for `ratatouille plan`"
+        400.0,
+        gt=0.0,
+        description="assumed training images/s per trial, for `ratatouille plan` when no "
+        "`ratatouille bench-throughput` measurement of this config exists",
+    )
+    eval_images_per_second: float | None = Field(
+        None,
+        gt=0.0,
+        description="assumed evaluation (forward-only) images/s per trial, likewise; None = 3x "
+        "images_per_second (a forward pass is about a third of a training step's compute)",
     )
 
 

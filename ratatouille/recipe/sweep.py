@@ -15,13 +15,22 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ratatouille.core.arms import InitDraw, get_arm
 from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.names import PRETRAINED
 from ratatouille.core.seeding import seed_hash
+from ratatouille.data import DOMAINBED_DATASETS, get_dataset
 from ratatouille.engine.hparams import dataset_schedule, default_hparams, random_hparams
+from ratatouille.engine.throughput import (
+    Throughput,
+    default_throughput_path,
+    load_throughput,
+    measure_throughput,
+    save_throughput,
+)
 from ratatouille.recipe.specs import (
     AuxProbeSpec,
     AuxSpec,
@@ -30,7 +39,6 @@ from ratatouille.recipe.specs import (
     PretrainSpec,
     ProbeSpec,
     TargetSpec,
-    TrialSpec,
     digest,
 )
 
@@ -313,46 +321,204 @@ def target_specs(config: ExperimentConfig, cells: list[Cell]) -> list[TargetSpec
     return specs
 
 
+#: Images per domain of the DomainBed datasets (their folders as DomainBed downloads them), so
+#: that `plan` prices evaluation without the data on this machine. Order: ``ENVIRONMENTS``.
+DOMAINBED_DOMAIN_SIZES: dict[str, dict[str, int]] = {
+    "PACS": {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929},
+    "VLCS": {"Caltech101": 1415, "LabelMe": 2656, "SUN09": 3282, "VOC2007": 3376},
+    "OfficeHome": {"Art": 2427, "Clipart": 4365, "Product": 4439, "Real World": 4357},
+    "TerraIncognita": {
+        "location_100": 4741,
+        "location_38": 9736,
+        "location_43": 3970,
+        "location_46": 5883,
+    },
+    "DomainNet": {
+        "clipart": 48129,
+        "infograph": 51605,
+        "painting": 72266,
+        "quickdraw": 172500,
+        "real": 172947,
+        "sketch": 69128,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Images per second of one trial: training (forward + backward + Adam) and evaluation
+    (forward only); ``source`` says where they come from, for the plan's last line."""
+
+    train: float
+    eval: float
+    source: str
+
+
+def assumed_rates(config: ExperimentConfig) -> Rates:
+    res = config.resources
+    return Rates(
+        res.images_per_second,
+        res.eval_images_per_second or 3 * res.images_per_second,
+        "assumed (resources.images_per_second and eval_images_per_second); "
+        "`ratatouille bench-throughput CONFIG` measures them",
+    )
+
+
+def evaluations(steps: int, freq: int) -> int:
+    """ID-val evaluations of a trial, as `fine_tune` makes them: at steps 0, freq, 2 freq, ...
+    and at the last step, ``steps - 1``."""
+    return len(range(0, steps, freq)) + ((steps - 1) % freq != 0)
+
+
+def _row(stage: str, specs: list[Any], train: int, evals: int, rates: Rates) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "trials": len(specs),
+        "steps": sum(getattr(s, "steps", 0) for s in specs),
+        "images": train,
+        "eval_images": evals,
+        "gpu_hours": (train / rates.train + evals / rates.eval) / 3600,
+    }
+
+
 def plan_rows(
-    config: ExperimentConfig, cells: list[Cell], n_domains: Callable[[str], int]
+    config: ExperimentConfig,
+    cells: list[Cell],
+    domain_sizes: Callable[[str], list[int]],
+    rates: Rates,
 ) -> list[dict[str, Any]]:
-    """Trials and compute per stage: trials x steps, and images seen (per-domain batches)."""
-    target_domains = n_domains(config.data.dataset) - 1  # leave-one-domain-out
-    pretrain = pretrain_spec(config)
-    stages: list[tuple[str, list[TrialSpec], Callable[[Any], int]]] = []
-    if pretrain is not None:
-        stages.append(("pretrain", [pretrain], lambda s: n_domains(s.task)))
-    if config.aux.head_init == "probe":
-        stages.append(("aux_probe", list(aux_probe_specs(config)), lambda s: n_domains(s.task)))
-    stages.append(("aux", list(aux_specs(config)), lambda s: n_domains(s.task)))
-    stages.append(("probe", list(probe_specs(config, cells)), lambda s: target_domains))
-    stages.append(("target", list(target_specs(config, cells)), lambda s: target_domains))
+    """Trials, training images and evaluated images per stage, and the GPU-hours they cost.
+
+    ``domain_sizes(dataset)`` gives the number of images of each domain. A training stage costs
+    its steps x per-domain batch x training domains at the training rate, plus an ID-val pass
+    (``holdout_fraction`` of its training domains) at every checkpoint. The probe costs one
+    feature extraction over the target's ID-train split and one ID-val pass: its head steps
+    run on cached features (negligible). A target trial also predicts its test domain once at
+    the end. The reducer's soups are evaluated on ID-val and OOD per arm and cell: the greedy
+    soup n_runs - 1 times on ID-val, the uniform soup once, both once on OOD.
+    """
+    holdout = config.data.holdout_fraction
+    sizes = domain_sizes(config.data.dataset)
+
+    def split(cell: Cell) -> tuple[int, int]:  # (images of the training domains, of the test one)
+        return sum(sizes) - sizes[cell.test_env], sizes[cell.test_env]
+
     rows = []
-    for stage, specs, domains in stages:
-        images = sum(s.steps * s.hparams.batch_size * domains(s) for s in specs)
-        rows.append(
-            {
-                "stage": stage,
-                "trials": len(specs),
-                "steps": sum(s.steps for s in specs),
-                "images": images,
-                "gpu_hours": images / config.resources.images_per_second / 3600,
-            }
+    pretrain = pretrain_spec(config)
+    for stage, specs in (("pretrain", [pretrain] if pretrain else []), ("aux", aux_specs(config))):
+        train = sum(s.steps * s.hparams.batch_size * len(domain_sizes(s.task)) for s in specs)
+        evals = sum(
+            evaluations(s.steps, s.checkpoint_freq) * round(holdout * sum(domain_sizes(s.task)))
+            for s in specs
         )
+        if stage == "aux" and config.aux.head_init == "probe":
+            # one feature extraction over every domain of each auxiliary task; the head steps
+            # run on the cached features (as the target's probe)
+            heads = aux_probe_specs(config)
+            extract = sum(sum(domain_sizes(h.task)) for h in heads)
+            rows.append(_row("aux_probe", heads, 0, extract, rates))
+        if stage == "aux" or specs:
+            rows.append(_row(stage, specs, train, evals, rates))
+    domains = len(sizes) - 1  # leave-one-domain-out
+    probes = probe_specs(config, cells)
+    rows.append(_row("probe", probes, 0, sum(split(p.cell)[0] for p in probes), rates))
+    targets = target_specs(config, cells)
+    train = sum(s.steps * s.hparams.batch_size * domains for s in targets)
+    evals = sum(
+        evaluations(s.steps, s.checkpoint_freq) * round(holdout * split(s.cell)[0])
+        + split(s.cell)[1]
+        for s in targets
+    )
+    rows.append(_row("target", targets, train, evals, rates))
+    n_runs = config.target.n_runs
+    reduce_evals = sum(
+        len(config.target.arms) * (n_runs * round(holdout * split(c)[0]) + 2 * split(c)[1])
+        for c in cells
+    )
+    rows.append(_row("reduce", [], 0, reduce_evals, rates))
     return rows
 
 
-def format_plan(rows: list[dict[str, Any]], config: ExperimentConfig) -> str:
-    lines = [f"{'stage':<10}{'trials':>8}{'trials x steps':>16}{'images':>14}{'GPU-hours':>11}"]
+def trial_shape(config: ExperimentConfig) -> tuple[int, int]:
+    """(image size, images per training step) of a target trial of ``config`` with the default
+    per-domain batch (Table 3; the sweep may draw others, at about the same images/s)."""
+    dataset = config.data.dataset
+    default_size = 224 if dataset in DOMAINBED_DATASETS else 16  # get_dataset's defaults
+    domains = len(domain_sizes_of(config.seed)(dataset)) - 1
+    return config.data.image_size or default_size, int(default_hparams()["batch_size"]) * domains
+
+
+def domain_sizes_of(seed: int) -> Callable[[str], list[int]]:
+    """``dataset -> images per domain``; DomainBed's from the table (no disk access: the data
+    may live on the workers only), the embedded tasks' by building them (they are small)."""
+
+    def sizes(dataset: str) -> list[int]:
+        if dataset in DOMAINBED_DATASETS:
+            table = DOMAINBED_DOMAIN_SIZES[dataset]
+            return [table[env] for env in DOMAINBED_DATASETS[dataset].ENVIRONMENTS]
+        task = get_dataset(dataset, seed=seed)
+        return [task.domain_size(i) for i in range(len(task.domains))]
+
+    return sizes
+
+
+def plan_rates(
+    config: ExperimentConfig, config_path: str, throughput: str | None
+) -> tuple[Rates, str | None]:
+    """The measured rates of ``throughput`` (default: the file beside the config, if any) when
+    they were measured for this config's model, image size and batch, else the assumed ones
+    and, when a file was set aside, a note saying why."""
+    path = throughput or str(default_throughput_path(config_path))
+    if throughput is None and not os.path.exists(path):
+        return assumed_rates(config), None
+    measured = load_throughput(path)
+    size, batch = trial_shape(config)
+    if not measured.matches(config.model.arch, size, batch):
+        note = (
+            f"note: {path} measured {measured.arch} at {measured.image_size} px, batch "
+            f"{measured.batch}, not this config's {config.model.arch} at {size} px, batch {batch}: "
+            "using the assumed rates; rerun `ratatouille bench-throughput`"
+        )
+        return assumed_rates(config), note
+    source = f"measured on {measured.device} at {measured.measured_at} ({path})"
+    return Rates(measured.train_images_per_s, measured.eval_images_per_s, source), None
+
+
+def bench_throughput(
+    config: ExperimentConfig,
+    config_path: str,
+    out: str | None = None,
+    device: str | None = None,
+    steps: int = 20,
+) -> tuple[Throughput, str]:
+    """Measure a target trial's rates on ``device`` (default: CUDA when present) and write
+    them to ``out`` (default: beside the config); on the CPU with the trial's threads."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(config.resources.cpus_per_trial)))
+    size, batch = trial_shape(config)
+    result = measure_throughput(config.model.arch, size, batch, device, steps=steps)
+    path = out or str(default_throughput_path(config_path))
+    save_throughput(result, path)
+    return result, path
+
+
+def format_plan(rows: list[dict[str, Any]], rates: Rates) -> str:
+    lines = [
+        f"{'stage':<10}{'trials':>8}{'trials x steps':>16}{'images':>14}{'eval images':>14}"
+        f"{'GPU-hours':>11}"
+    ]
     for row in rows:
         lines.append(
             f"{row['stage']:<10}{row['trials']:>8}{row['steps']:>16,}"
-            f"{row['images']:>14,}{row['gpu_hours']:>11.2f}"
+            f"{row['images']:>14,}{row['eval_images']:>14,}{row['gpu_hours']:>11.2f}"
         )
     total = sum(row["gpu_hours"] for row in rows)
     lines.append(
-        f"total {total:.2f} GPU-hours at {config.resources.images_per_second:g} "
-        "training images/s per trial (resources.images_per_second); the aux stage "
-        "skips entries already in the pool, and evaluation is not counted."
+        f"total {total:.2f} GPU-hours at {rates.train:g} training and {rates.eval:g} evaluation "
+        f"images/s per trial, {rates.source}. The aux stage skips entries already in the pool; "
+        "the probe's head steps (on cached features) and the reducer's ablations are not counted."
     )
     return "\n".join(lines)
