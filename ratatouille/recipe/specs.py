@@ -108,6 +108,7 @@ class AuxSpec(TrialSpec):
     run: int
     checkpoint_freq: int
     robust: bool  # also keep the moving average (App. E)
+    eval_freq: int | None = None  # ID-val every this many steps; None = at the end only
 
     def _name_parts(self) -> tuple[Any, ...]:
         return (self.stage, self.task, self.run)

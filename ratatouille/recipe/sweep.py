@@ -73,7 +73,8 @@ def pretrain_spec(config: ExperimentConfig) -> PretrainSpec | None:
 def aux_entry_name(config: ExperimentConfig, task: str, run: int) -> str:
     """Pool name of an auxiliary fine-tuning: same recipe and phi_pt -> same name -> reused."""
     recipe = {
-        "aux": config.aux.model_dump(exclude={"tasks", "extra_sources"}),
+        # eval_freq changes what is measured, not the weights: same entry
+        "aux": config.aux.model_dump(exclude={"tasks", "extra_sources", "eval_freq"}),
         "from": pretrained_identity(config),
     }
     arch = re.sub(r"[^A-Za-z0-9._-]", "_", config.model.arch)  # e.g. "hf-hub:timm/..." names
@@ -104,6 +105,7 @@ def aux_specs(config: ExperimentConfig) -> list[AuxSpec]:
             steps=config.aux.steps,
             checkpoint_freq=config.aux.checkpoint_freq,
             robust=config.aux.robust,
+            eval_freq=config.aux.eval_freq,
             seed=seed_hash(config.seed, "aux", task, run),
         )
         for task in config.aux.tasks
