@@ -490,3 +490,13 @@ def test_aux_runs_snapshot_every_checkpoint_and_evaluate_as_configured(
     assert [m["step"] for m, _ in checkpoints] == [0, 3, 6, 9, 11]
     assert all(state is not None and state["step"] == m["step"] for m, state in checkpoints)
     assert [m["step"] for m, _ in checkpoints if "id_val_acc" in m] == evaluated
+
+
+def test_weights_come_back_contiguous_from_a_channels_last_model() -> None:
+    # what CUDA runs use; safetensors and the soups need plain contiguous tensors
+    model = _model().to(memory_format=torch.channels_last)
+    assert not model.featurizer.conv1[0].weight.is_contiguous()
+    cfg = _cfg(steps=3, moving_average=True, ma_start=1)
+    result = fine_tune(model, TRAIN, ID_VAL, cfg)
+    for state in (result.final_state, result.best_state, result.average_state):
+        assert all(t.is_contiguous() for t in state.values())

@@ -245,10 +245,11 @@ class _LossMonitor:
     so that a training step never waits for the GPU; ``read`` is the one host sync."""
 
     def __init__(self, device: torch.device, loss_sum: float = 0.0, count: int = 0) -> None:
-        self.sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+        # torch.full fills on the device (torch.tensor would copy from the host and wait)
+        self.sum = torch.full((), loss_sum, dtype=torch.float64, device=device)
         self.count = count  # host-side: counting needs no sync
-        self.bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
-        self.bad_loss = torch.tensor(0.0, dtype=torch.float64, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.full((), 0.0, dtype=torch.float64, device=device)
 
     def add(self, loss: Tensor, step: int) -> None:
         value = loss.detach().double()  # float64, as the Python float the loss was summed in
@@ -368,7 +369,6 @@ class _FineTuning:
         self.best_acc, self.best_step = -math.inf, -1
         self.history: list[dict] = []
         self.losses = _LossMonitor(self.device)
-        self.last_acc: float | None = None
         self.forward: Callable[[Tensor], Tensor] = _training_forward(model, cfg, self.device)
         self.ma = _MovingAverage() if cfg.moving_average else None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -562,10 +562,10 @@ def fine_tune(
     ``on_checkpoint(step, metrics, snapshot)`` runs at every checkpoint (``checkpoint_freq``);
     ``metrics`` holds the step and the mean loss since the previous checkpoint, ``id_val_acc``
     when this checkpoint evaluated, and the best ID-val accuracy and its step once one has been
-    measured. ``snapshot()`` returns a
-    dict that ``fine_tune(..., resume=that_dict)`` continues from, ending with the same weights
-    as an uninterrupted run (bit-identical on CPU). The model passed with ``resume`` must have the
-    same architecture; its weights are replaced by the snapshot's.
+    measured. ``snapshot()`` returns a dict that ``fine_tune(..., resume=that_dict)`` continues
+    from, ending with the same weights as an uninterrupted run (bit-identical on CPU). The model
+    passed with ``resume`` must have the same architecture; its weights are replaced by the
+    snapshot's.
     Raises ``TrainingDiverged`` on a NaN/inf loss, within ``cfg.sync_freq`` steps of it.
     """
     _check_inputs(model, train, id_val, cfg)
