@@ -24,7 +24,18 @@ $(VENV)/.installed-test: pyproject.toml
 quickstart: $(VENV)/.installed-base
 	$(BIN)/ratatouille run experiments/quickstart.yaml
 
-test: $(VENV)/.installed-test
+# tests/test_ray_up.py runs `ray up` over SSH on loopback: OpenSSH's sshd and rsync, unpacked from
+# Debian's packages into .tools/ (nothing installed system-wide; apt's lists refreshed if stale).
+TOOLS := .tools
+SSH_DEBS := openssh-server rsync libwrap0
+$(TOOLS)/.unpacked:
+	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/debs
+	cd $(TOOLS)/debs && (apt-get download -qq $(SSH_DEBS) \
+		|| (apt-get update -qq && apt-get download -qq $(SSH_DEBS)))
+	for deb in $(TOOLS)/debs/*.deb; do dpkg -x "$$deb" $(TOOLS)/root; done
+	touch $@
+
+test: $(VENV)/.installed-test $(TOOLS)/.unpacked
 	$(BIN)/python -m pytest
 
 # The habits that keep the layout: lint and format checks, and the type check (pyproject.toml).
@@ -39,4 +50,4 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format $(LINTED)
 
 clean:
-	rm -rf $(VENV) ray_results mlflow.db mlartifacts
+	rm -rf $(VENV) $(TOOLS) ray_results mlflow.db mlartifacts

@@ -7,7 +7,8 @@ P5  (CPU) ``fine_tune`` steps/s vs a bare PyTorch loop: the same model, batch an
 included), so that a burst of load on a shared machine does not decide the figure.
 Goal >= 0.95.
 P10 (CUDA) a trial's training images/s vs the compute-bound rate: ``fine_tune`` with its real
-    data path (JPEG files in DomainBed's PACS layout, decoded and augmented by the dataset) vs
+    data path (JPEG files in DomainBed's PACS layout, through ``data.pipeline``: by default the
+    decoded uint8 store with the augmentation batched on the GPU, as the DomainBed configs) vs
     the same model (ResNet-50, 224 px, bf16 autocast, channels_last) stepping on a batch
     already in GPU memory. Goal >= 0.9.
 P11 (CUDA) aggregate training images/s of 4 trials sharing one GPU (each with a quarter of the
@@ -160,10 +161,17 @@ def _write_fake_pacs(root: Path, per_class: int, side: int) -> None:
                 image.save(folder / f"{i}.jpg", quality=90)
 
 
-def _trial_splits(root: str) -> Any:
+def _trial_splits(root: str, pipeline: str) -> Any:
     from ratatouille.data import get_dataset, target_splits
 
-    dataset = get_dataset("PACS", root, image_size=224, augment=True)
+    dataset = get_dataset(
+        "PACS",
+        root,
+        image_size=224,
+        augment=True,
+        pipeline=pipeline,  # type: ignore[arg-type]
+        cache_dir=Path(root) / "decoded",  # built by the first trial, read by the others
+    )
     return target_splits(dataset, [3], split_seed=0)  # train on 3 domains, as a PACS cell
 
 
@@ -176,7 +184,7 @@ def _trial_worker(root: str, trial: dict[str, Any], cpus: int, barrier: Any, res
 
     window, batch = trial["window"], trial["batch"]
     torch.set_num_threads(max(1, cpus))
-    splits = _trial_splits(root)
+    splits = _trial_splits(root, trial["pipeline"])
     cfg = FineTuneConfig(
         steps=2 * window + 2,
         checkpoint_freq=window,
@@ -305,11 +313,17 @@ def _compute_bound_rate(window: int, batch: int) -> float:
     return window * n / (time.perf_counter() - start)
 
 
-def cuda_figures(window: int, batch: int, per_class: int) -> list[str]:
+def cuda_figures(window: int, batch: int, per_class: int, pipeline: str) -> list[str]:
     import torch
 
     name, cores = torch.cuda.get_device_name(), os.cpu_count() or 1
-    trial = {"window": window, "batch": batch, "device": "cuda", "arch": "resnet50"}
+    trial = {
+        "window": window,
+        "batch": batch,
+        "device": "cuda",
+        "arch": "resnet50",
+        "pipeline": pipeline,
+    }
     with tempfile.TemporaryDirectory() as root:
         _write_fake_pacs(Path(root), per_class, side=256)
         bound = _compute_bound_rate(window, batch)
@@ -321,13 +335,14 @@ def cuda_figures(window: int, batch: int, per_class: int) -> list[str]:
     where = f"{name}, {cores} CPU cores, resnet50 224 px bf16, batch {DOMAINS}x{batch}"
     return [
         f"P10 trial training images/s vs compute-bound rate: {alone_all_cpus / bound:.3f} "
-        f"(fine_tune on JPEGs {alone_all_cpus:.0f} images/s with {cores - 1} loader workers "
-        f"per domain, same model on a batch in GPU memory {bound:.0f} images/s; {where}; "
+        f"(fine_tune on JPEGs, data.pipeline {pipeline}, {alone_all_cpus:.0f} images/s with "
+        f"{cores - 1} loader workers per domain, same model on a batch in GPU memory "
+        f"{bound:.0f} images/s; {where}; "
         f"{window}-step window, {syncs} host syncs in it (CUDA sync debug mode; the trainer "
         f"reads the loss every 50 steps and at checkpoints); goal >= 0.9)",
         f"P11 aggregate images/s of 4 trials sharing one GPU vs one trial alone: "
         f"{shared / alone:.2f} (4 trials {shared:.0f} images/s, 1 trial {alone:.0f} images/s, "
-        f"{quarter} CPUs each; {where})",
+        f"{quarter} CPUs each, data.pipeline {pipeline}; {where})",
     ]
 
 
@@ -347,6 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="P5 steps per run")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="P5 threads")
     parser.add_argument("--window", type=int, default=None, help="P10/P11 timed steps")
+    parser.add_argument(
+        "--pipeline",
+        choices=["decoded", "pil"],
+        default="decoded",
+        help="P10/P11 data path (decoded: the DomainBed configs' choice)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -369,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"# CUDA device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     window = args.window or (50 if args.quick else 100)  # DomainBed checkpoints every 100
-    for line in cuda_figures(window, batch=32, per_class=25):
+    for line in cuda_figures(window, batch=32, per_class=25, pipeline=args.pipeline):
         print(line, flush=True)
 
 

@@ -80,14 +80,52 @@ def test_balanced_policy_cycles_through_each_sources_runs():
     assert Counter(c.init_source for c in choices) == {PRETRAINED: 2, "a0": 1, "a1": 1, "b0": 2}
 
 
-def test_fusing_policy_mixes_the_first_entry_of_every_source():
-    choices = fusing_mixture(_draw([[PRETRAINED], ["a0", "a1"], ["b0"]], n_runs=2, arm="fusing"))
+def test_fusing_policy_run_r_mixes_entry_r_mod_size_of_every_source():
+    choices = fusing_mixture(_draw([[PRETRAINED], ["a0", "a1"], ["b0"]], n_runs=3, arm="fusing"))
+    # by hand: run 0 takes a0, run 1 a1, run 2 a0 again; single-entry sources always their one
+    mixed = [[PRETRAINED, "a0", "b0"], [PRETRAINED, "a1", "b0"], [PRETRAINED, "a0", "b0"]]
     for run, choice in enumerate(choices):
         rng = np.random.default_rng(seed_hash(3, "fusing", "rot30-split0", run))
         want = fusing_weights(3, 4.0, rng)
         assert choice.init_source == FUSING
-        assert list(choice.fusing) == [PRETRAINED, "a0", "b0"]
+        assert list(choice.fusing) == mixed[run]
         assert list(choice.fusing.values()) == pytest.approx(list(want))
+
+
+def _reference_pool(runs_per_task=4, tasks="ABCD"):
+    return [[PRETRAINED]] + [[f"{t}{r}" for r in range(runs_per_task)] for t in tasks]
+
+
+def test_twenty_runs_over_four_tasks_of_four_runs_start_from_sixteen_distinct_featurizers():
+    # by hand: 20 runs over 5 sources -> 4 each; a task's 4 runs take its 4 entries once each
+    choices = balanced_over_sources(_draw(_reference_pool(), n_runs=20))
+    counts = Counter(c.init_source for c in choices)
+    assert counts == {PRETRAINED: 4, **{f"{t}{r}": 1 for t in "ABCD" for r in range(4)}}
+
+
+def test_featurizers_repeat_round_robin_per_source_only_after_all_were_used():
+    # by hand: 40 runs -> 8 per source; within a task the entries come in order 0,1,2,3,0,1,2,3
+    choices = balanced_over_sources(_draw(_reference_pool(), n_runs=40))
+    for task in "ABCD":
+        order = [c.init_source for c in choices if c.init_source.startswith(task)]
+        assert order == [f"{task}{r}" for r in (0, 1, 2, 3, 0, 1, 2, 3)]
+    assert sum(c.init_source == PRETRAINED for c in choices) == 8
+
+
+def test_balance_per_source_comes_before_distinct_featurizers():
+    # sources of unequal size: 12 runs over 3 sources -> 4 each even though B has one entry
+    groups = [[PRETRAINED], ["A0", "A1", "A2", "A3", "A4", "A5"], ["B0"]]
+    counts = Counter(c.init_source for c in balanced_over_sources(_draw(groups, n_runs=12)))
+    assert counts == {PRETRAINED: 4, "A0": 1, "A1": 1, "A2": 1, "A3": 1, "B0": 4}
+
+
+def test_balanced_assignment_is_deterministic_given_the_seed():
+    draw = _draw(_reference_pool(), n_runs=20)
+    assert balanced_over_sources(draw) == balanced_over_sources(draw)
+    other = InitDraw(**{**draw.__dict__, "seed": 4})
+    orders = [[c.init_source for c in balanced_over_sources(d)] for d in (draw, other)]
+    assert orders[0] != orders[1]  # the order of runs follows the seed; the counts do not
+    assert Counter(orders[0]) == Counter(orders[1])
 
 
 def test_every_arm_feeds_registered_strategies_and_has_a_policy():

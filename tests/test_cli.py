@@ -24,7 +24,7 @@ def _plan_rows(out):
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if parts and parts[0] in ("pretrain", "aux", "probe", "target"):
+        if parts and parts[0] in ("pretrain", "aux_probe", "aux", "probe", "target"):
             rows[parts[0]] = (int(parts[1]), int(parts[2].replace(",", "")))
     return rows
 
@@ -41,10 +41,12 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
 def test_plan_counts_trials_and_steps_of_the_quickstart(capsys):
     code, out, _ = _run(capsys, "plan", str(EXPERIMENTS / "quickstart.yaml"))
     assert code == 0
-    # 1 T0 pre-training, 3 auxiliary tasks, 1 probe, 3 arms x 8 runs on one test domain.
+    # 1 T0 pre-training, 3 auxiliary tasks (a probe each, then 2 runs each), 1 probe,
+    # 3 arms x 8 runs on one test domain.
     assert _plan_rows(out) == {
         "pretrain": (1, 800),
-        "aux": (3, 900),
+        "aux_probe": (3, 900),
+        "aux": (6, 1800),
         "probe": (1, 300),
         "target": (24, 24 * 400),
     }
@@ -58,7 +60,11 @@ def test_plan_of_a_domainbed_config_follows_table_1_protocol(capsys):
     rows = _plan_rows(out)
     assert rows["probe"] == (12, 12 * 5001)
     assert rows["target"] == (12 * 60, 12 * 60 * 5001)
-    assert rows["aux"] == (4, 4 * 5001)  # VLCS, OfficeHome, TerraIncognita, DomainNet
+    # the reference's pool: VLCS, OfficeHome, TerraIncognita (5001 steps) and DomainNet
+    # (15001), one linear probe each, then 4 runs each from that probe
+    per_task = 3 * 5001 + 15001
+    assert rows["aux_probe"] == (4, per_task)
+    assert rows["aux"] == (16, 4 * per_task)
 
 
 def test_overrides_for_quick_tries(capsys):

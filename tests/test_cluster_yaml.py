@@ -252,3 +252,27 @@ def test_a_nodes_shell_runs_ray_in_token_mode_with_the_mounted_token(cluster, tm
             check=True,
         ).stdout.split()
         assert " ".join(shown[: len(expected.split())]) == expected
+
+
+ONPREM = REPO / "deploy" / "onprem" / "cluster.yaml"  # run for real by tests/test_ray_up.py
+
+
+def test_onprem_cluster_yaml_passes_rays_schema_and_is_wired_as_the_aws_one(cluster):
+    onprem = yaml.safe_load(ONPREM.read_text())
+    prepared = prepare_config(copy.deepcopy(onprem))
+    validate_config(prepared)
+    # the local provider turned the listed addresses into its single node type
+    (node_type,) = prepared["available_node_types"].values()
+    assert node_type["max_workers"] == len(onprem["provider"]["worker_ips"]) > 0
+    with pytest.raises(jsonschema.ValidationError):  # a misspelt key does not pass
+        validate_config({**prepared, "file_mount": prepared["file_mounts"]})
+    # the same synced layout and token as on AWS, so docs and `ray submit` lines carry over
+    assert onprem["file_mounts"] == cluster["file_mounts"]
+    assert any(f"chmod 600 {TOKEN_MOUNT}" in c for c in onprem["setup_commands"])
+    assert env_exports(onprem)["RAY_AUTH_MODE"] == "token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in onprem[key] if "ray start" in c]
+        assert ray_start_env(start) == {"RAY_AUTH_MODE": "token"}, key
+    for command in [c for key in COMMAND_LISTS for c in onprem.get(key) or []]:
+        result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert result.returncode == 0, f"{command!r}: {result.stderr}"

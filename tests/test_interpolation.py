@@ -12,6 +12,7 @@ from ratatouille.merging.interpolation import (
     InterpolationCurve,
     interpolation_curve,
     lmc_verdict,
+    path_curve,
     three_weight_curve,
 )
 
@@ -134,3 +135,19 @@ def test_curves_reject_a_non_finite_accuracy_and_a_negative_tolerance():
     curve = InterpolationCurve(lambdas=(0.0, 1.0), accuracies=(0.5, 0.5))
     with pytest.raises(ValueError, match="tolerance"):
         lmc_verdict(curve, tolerance=-0.01)
+
+
+def test_path_curve_evaluates_any_path_and_skips_known_lambdas():
+    seen = []
+
+    def evaluate(state):
+        seen.append(float(state["w"]))
+        return 1.0 - float(state["w"]) ** 2
+
+    curve = path_curve(
+        lambda lam: {"w": torch.tensor(2.0 * lam)}, evaluate, (0.0, 0.5, 1.0), known={0.0: 0.9}
+    )
+    assert seen == [1.0, 2.0]  # lambda 0 came from `known`
+    assert curve.accuracies == (0.9, 0.0, -3.0)
+    with pytest.raises(ValueError, match="increase strictly"):
+        path_curve(lambda lam: {}, evaluate, (0.0, 1.0, 0.5))

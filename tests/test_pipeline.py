@@ -186,6 +186,13 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     assert {"comparison.csv", "comparison.json", "report.md", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(reducer.info.run_id, "figures")}
     assert len(figures) >= 4 and all(path.endswith(".png") for path in figures)
+    # the paper's claims, computed: a table on both runs, a verdict metric per computable claim
+    assert any(key.startswith("claims/") and key.endswith("/held") for key in metrics)
+    parent = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"claims.json", "claims.csv"} <= artifacts and {"claims.json", "figures"} <= parent
+    across = {a.path for a in client.list_artifacts(outcome.parent_run_id, "figures")}
+    assert "figures/all_cells_strategies.png" in across
+    assert "| claim | verdict | numbers |" in outcome.claims_markdown
     versions = client.search_model_versions("name = 'tiny-ratatouille'")
     # logged and registered by the parent run (the sweep that made it), an output of the reducer
     assert versions and versions[0].run_id == outcome.parent_run_id
@@ -425,6 +432,12 @@ def test_report_prints_the_table_and_writes_markdown_and_csv(sweep, tmp_path, ca
         assert row.ood_acc == pytest.approx(reducer.data.metrics[f"ood_acc/{row.strategy}"])
         assert f"| {row.strategy} | {100 * row.ood_acc:.1f} |" in markdown
     assert "| ratatouille_uniform |" in out
+    # the claims table is read back from the parent run, with the verdicts the reducer logged
+    assert "## The paper's claims (computed)" in markdown
+    held = reducer.data.metrics["claims/d_ratatouille_vs_soups/held"]
+    verdict = "held" if held == 1.0 else "not held"
+    assert f"| {verdict} |" in markdown.split("d_ratatouille_vs_soups")[1].split("\n")[0]
+    assert "d_ratatouille_vs_soups" in out
     # the link opens the experiment on its training runs, not on MLflow 3's GenAI overview
     experiment = sweep[2].get_experiment_by_name("tiny").experiment_id
     assert f"/#/experiments/{experiment}/runs?workflowType=machine_learning" in out

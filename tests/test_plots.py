@@ -9,10 +9,15 @@ from matplotlib.collections import PolyCollection
 
 from ratatouille.reducer.curves import CurveResult
 from ratatouille.reducer.plots import (
+    cross_cell_figures,
     plot_ablation_runs,
+    plot_ablation_sources,
     plot_curves,
     plot_diversity_gain,
+    plot_lmc_pairs,
+    plot_mixing,
     plot_strategies,
+    plot_strategies_over_cells,
     save_figures,
 )
 from ratatouille.reducer.reduce import ReduceResult
@@ -159,6 +164,94 @@ def test_save_figures_writes_one_png_per_figure_even_for_empty_frames(tmp_path):
         "source_diversity",
         "ablation_runs",
         "ablation_sources",
+        "mixing",
+        "lmc_pairs",
     }
     for path in paths.values():
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
+
+
+def _lmc() -> pandas.DataFrame:
+    lambdas = (0.0, 0.5, 1.0)
+    rows = []
+    for split, mids in (("ood_test", (0.02, -0.04)), ("id_val", (0.01, 0.03))):
+        for pair, mid in enumerate(mids):
+            rows.append(
+                {
+                    "hypothesis": "hypothesis_2",
+                    "split": split,
+                    "pair": pair,
+                    "lmc_holds": mid >= -0.01,
+                    "worst_gap": min(mid, 0.0),
+                    "tolerance": 0.01,
+                    "lambdas": lambdas,
+                    "gaps": (0.0, mid, 0.0),
+                }
+            )
+    return pandas.DataFrame(rows)
+
+
+def test_lmc_pairs_plot_draws_the_mean_gap_over_pairs_per_split_with_verdict_counts():
+    ax = plot_lmc_pairs(_lmc()).axes[0]
+    thick = {line.get_label(): line for line in ax.get_lines() if line.get_linewidth() == 2}
+    assert set(thick) == {"ood_test (1/2 hold)", "id_val (2/2 hold)"}
+    assert thick["ood_test (1/2 hold)"].get_ydata()[1] == pytest.approx((0.02 - 0.04) / 2)
+    assert thick["id_val (2/2 hold)"].get_ydata()[1] == pytest.approx(0.02)
+    assert thick["id_val (2/2 hold)"].get_linestyle() == "--"
+
+
+def test_mixing_plot_errorbars_are_standard_errors_over_draws():
+    frame = pandas.DataFrame(
+        {
+            "mu": [0.0, 0.5, 0.5, 1.0],
+            "ood_acc": [0.6, 0.62, 0.66, 0.63],
+            "id_val_acc": [0.9, 0.9, 0.92, 0.91],
+            "n_models": [2, 2, 2, 2],
+        }
+    )
+    fig = plot_mixing(frame)
+    left = fig.axes[0]
+    line = left.get_lines()[0]
+    assert list(line.get_xdata()) == [0.0, 0.5, 1.0]
+    assert line.get_ydata()[1] == pytest.approx(0.64)
+    # the error bar at mu = 0.5: std(ddof=1) / sqrt(2) of (0.62, 0.66) = 0.02
+    segments = left.collections[0].get_segments()
+    low, high = segments[1][:, 1]
+    assert (high - low) / 2 == pytest.approx(0.02)
+    assert "M = 2" in left.get_title()
+
+
+def test_sources_plot_says_which_fixed_m_it_averages():
+    frame = _result().ablation_sources.assign(n_models=[4, 4])
+    title = plot_ablation_sources(frame).axes[0].get_title()
+    assert "M = 4 runs at every point" in title
+
+
+def test_strategies_over_cells_have_standard_error_bars():
+    first, second = _result(), _result()
+    second.table = second.table.assign(ood_acc=[0.5, 0.75, 0.8])
+    ax = plot_strategies_over_cells({("art", 0): first, ("art", 1): second}).axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == pytest.approx([0.55, 0.7, 0.75])
+    low, high = ax.collections[0].get_segments()[0][:, 1]  # erm: 0.6 and 0.5
+    assert (high - low) / 2 == pytest.approx(np.std([0.6, 0.5], ddof=1) / np.sqrt(2))
+    assert "s.e." in ax.get_ylabel() and "n = 2" in ax.get_ylabel()
+
+
+def test_cross_cell_figures_count_lmc_verdicts_and_pool_every_cells_pairs():
+    first, second = _result(), _result()
+    first.lmc, second.lmc = _lmc(), _lmc()
+    figures = cross_cell_figures({("art", 0): first, ("art", 1): second})
+    assert set(figures) == {
+        "all_cells_strategies",
+        "all_cells_diversity_gain",
+        "all_cells_lmc_verdicts",
+    }
+    verdicts = figures["all_cells_lmc_verdicts"].axes[0]
+    labels = [t.get_text() for t in verdicts.get_xticklabels()]
+    assert labels == ["hypothesis 2\nid val", "hypothesis 2\nood test"]
+    held, broken = verdicts.patches[:2], verdicts.patches[2:]
+    assert [p.get_height() for p in held] == [4, 2]  # over 2 cells x 2 pairs
+    assert [p.get_height() for p in broken] == [0, 2]
+    gain = figures["all_cells_diversity_gain"].axes[0]
+    assert sum(len(c.get_offsets()) for c in gain.collections) == 6  # 3 pairs x 2 cells

@@ -19,6 +19,7 @@ from ratatouille.pool.store import (
     Pool,
     PoolError,
     import_weights,
+    incompatibilities,
 )
 
 ARCH = "test_resnet"
@@ -83,6 +84,32 @@ def test_add_list_load_roundtrip_keeps_tensors_and_manifest_fields(tmp_path, phi
     assert_same_tensors(
         Pool(tmp_path / "pool").load("zeta"), phi_b
     )  # a fresh handle reads the manifest
+
+
+def test_recipe_is_recorded_and_older_manifests_without_it_still_read(tmp_path, phi_a):
+    pool = Pool(tmp_path / "pool")
+    recipe = {"arch": ARCH, "pretrained": "hub-x", "image_size": None, "steps": 5001}
+    pool.add("with", phi_a, source_task="pacs", arch=ARCH, recipe=recipe)
+    pool.add("without", phi_a, source_task="pacs", arch=ARCH)
+    assert pool.get("with").recipe == recipe and pool.get("without").recipe is None
+    path = tmp_path / "pool" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for item in manifest["entries"]:
+        del item["recipe"]  # a manifest written before recipes were recorded
+    path.write_text(json.dumps(manifest))
+    assert [e.recipe for e in Pool(tmp_path / "pool").entries()] == [None, None]
+
+
+def test_incompatibilities_name_each_entry_and_field(tmp_path, phi_a):
+    pool = Pool(tmp_path / "pool")
+    base = {"arch": ARCH, "pretrained": "hub-x", "image_size": None, "freeze_bn": True}
+    pool.add("same", phi_a, source_task="t", arch=ARCH, recipe={**base, "steps": 3})
+    pool.add("bigger", phi_a, source_task="t", arch=ARCH, recipe={**base, "image_size": 64})
+    pool.add("imported", phi_a, source_task="t", arch=ARCH)
+    keys = ("arch", "pretrained", "image_size", "freeze_bn")
+    assert incompatibilities(pool.entries(), base, keys) == [
+        "bigger: image_size 64 (expected None)"
+    ]
 
 
 def test_sha256_in_manifest_equals_hashlib_of_the_file(tmp_path, phi_a):

@@ -191,7 +191,10 @@ def test_evaluator_refuses_ood_reads_before_selection_is_final(sweep):
 def test_ood_is_read_only_after_every_id_val_read(reduced):
     log = reduced["log"]
     assert "ood_test" in log and "id_val" in log
-    assert max(i for i, s in enumerate(log) if s == "id_val") < log.index("ood_test")
+    first_ood = log.index("ood_test")
+    # selection reads only ID val; the analysis phase (after every decision) reads ID val again
+    # for Fig. 5 and 20-21, which the sealed evaluator allows
+    assert first_ood > 0 and set(log[:first_ood]) == {"id_val"}
 
 
 def test_selection_is_unchanged_when_ood_labels_are_shuffled(sweep, reduced):
@@ -225,7 +228,8 @@ def test_arm_diversity_is_the_mean_over_pairs_of_hand_counted_q_and_ratio_error(
         n10, n01 = int(np.sum(a & ~b)), int(np.sum(~a & b))
         qs.append(1 - (n11 * n00 - n01 * n10) / (n11 * n00 + n01 * n10))
         ratios.append((n01 + n10) / n00)
-    row = reduced["result"].diversity.set_index("arm").loc["ratatouille"]
+    diversity = reduced["result"].diversity
+    row = diversity[diversity.split == "ood_test"].set_index("arm").loc["ratatouille"]
     assert row.q_diversity == pytest.approx(np.mean(qs))
     assert row.ratio_error == pytest.approx(np.mean(ratios))
     assert row.n_models == 5
@@ -306,22 +310,20 @@ def test_ablation_over_runs_spans_single_runs_to_the_full_uniform_soup(sweep, re
     assert sorted(frame.loc["ratatouille"].index) == [1, 2, 3, 4, 5]
 
 
-def test_ablation_over_sources_always_keeps_the_pretrained_runs(sweep, reduced):
+def test_ablation_over_sources_holds_m_at_the_pretrained_runs_count(sweep, reduced):
     frame = reduced["result"].ablation_sources
     rat = frame[frame.arm == "ratatouille"].set_index("n_sources")
-    assert list(rat.index) == [1, 2, 3, 4]
-    runs = runs_of(sweep, "ratatouille")
-    pretrained = [s for _, s, src in runs if src == "pretrained"]
+    # one run starts from the pre-trained model, which is in every subset: M = 1, so one
+    # source is all a single run can come from (more sources would grow M: the confound)
+    assert list(rat.index) == [1] and list(rat.n_models) == [1]
+    pretrained = [s for _, s, src in runs_of(sweep, "ratatouille") if src == "pretrained"]
     assert rat.loc[1].ood_acc_mean == pytest.approx(hand_acc(pretrained[0], _ood(sweep)))
-    everything = hand_acc(hand_average([s for _, s, _ in runs]), _ood(sweep))
-    assert rat.loc[4].ood_acc_mean == pytest.approx(everything) and rat.loc[4].n_models_mean == 5
-    # two sources: pretrained + one of aux_a (2 runs), aux_b, aux_c -> 3, 2, 2 runs
-    assert rat.loc[2].n_models_mean == pytest.approx((3 + 2 + 2) / 3)
 
 
 def test_source_diversity_splits_pairs_by_init_source(reduced):
     frame = reduced["result"].source_diversity
-    rat = frame[frame.arm == "ratatouille"].set_index("pairs")
+    assert set(frame.split) == {"ood_test", "id_val"}
+    rat = frame[(frame.arm == "ratatouille") & (frame.split == "id_val")].set_index("pairs")
     assert rat.loc["same_source"].n_pairs == 1 and rat.loc["different_source"].n_pairs == 9
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ from ratatouille.core.names import FUSING, PRETRAINED
 from ratatouille.engine.models import create_featurizer
 from ratatouille.recipe.checks import experiment_cells
 from ratatouille.recipe.stages import context_for, init_featurizer, run_trial
-from ratatouille.recipe.sweep import aux_specs, probe_specs, target_specs
+from ratatouille.recipe.sweep import aux_probe_specs, aux_specs, probe_specs, target_specs
 from tiny import tiny_config
 
 
@@ -91,3 +94,41 @@ def test_injected_fault_fires_once_at_its_step(setup):
     run_trial(spec, ctx, FailingReporter(resumed, step=6))  # a restored trial is not failed again
     assert resumed.rows[-1][0]["done"]
     assert resumed.rows[0][0]["step"] > last_checkpoint["step"]
+
+
+def test_aux_probe_fits_a_head_on_every_domain_of_its_task_and_the_run_starts_from_it(setup):
+    config, ctx, _ = setup
+    probed = tiny_config(_tmp(setup), aux={"head_init": "probe"})
+    (probe_spec, *_) = aux_probe_specs(probed)
+    reporter = ListReporter()
+    run_trial(probe_spec, ctx, reporter)
+    metrics, weights, _ = reporter.rows[-1]
+    assert metrics["done"] and 0.0 <= metrics["final_id_val_acc"] <= 1.0
+    record = json.loads(metrics["data_input"])
+    assert record["domains"] == ["flipped"]  # every domain of the task (it has one)
+    head = weights["head"]
+    aux_spec = next(s for s in aux_specs(probed) if s.task == probe_spec.task)
+    assert aux_spec.head == probe_spec.name
+    head_ctx = context_for(config, featurizers=ctx.featurizers, heads={aux_spec.head: head})
+    first = FirstCheckpoint()
+    with pytest.raises(StopAtFirst):
+        run_trial(aux_spec, head_ctx, first)
+    # after at most one Adam step of lr 3e-4, the head is still the probed one
+    start = first.state["model"]["head.weight"]
+    assert torch.allclose(start, head["weight"], atol=1e-3)
+    assert not torch.allclose(start, torch.zeros_like(start), atol=1e-2)
+
+
+class StopAtFirst(Exception):
+    pass
+
+
+class FirstCheckpoint(ListReporter):
+    def report(self, metrics, *, weights=None, train_state=None):
+        self.state = train_state
+        raise StopAtFirst
+
+
+def _tmp(setup):
+    config, _, _ = setup
+    return Path(config.tracking.storage_path).parent

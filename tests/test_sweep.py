@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import save_file
 
+from ratatouille.core.config import parse_config
 from ratatouille.core.names import FUSING, PRETRAINED
 from ratatouille.core.seeding import seed_hash
+from ratatouille.engine.hparams import random_hparams
 from ratatouille.engine.models import create_featurizer
 from ratatouille.orchestration.pipeline import _pretrained
+from ratatouille.recipe import sweep
 from ratatouille.recipe.checks import experiment_cells
+from ratatouille.recipe.specs import HParams
 from ratatouille.recipe.sweep import (
     arm_sources,
     aux_entry_name,
+    aux_probe_name,
+    aux_probe_specs,
+    aux_recipe,
     aux_specs,
+    plan_rows,
+    pretrained_identity,
     robust_name,
     target_specs,
 )
@@ -64,8 +76,9 @@ def test_featurizer_freeze_only_after_an_auxiliary_init(config):
 def test_fusing_lambdas_are_softmax_of_uniform_kappa(config):
     cell = experiment_cells(config)[0]
     specs = [s for s in target_specs(config, [cell]) if s.arm == FUSING]
-    names = [group[0] for group in arm_sources(config, "fusing")]
+    groups = arm_sources(config, "fusing")
     for spec in specs:
+        names = [group[spec.run % len(group)] for group in groups]
         assert spec.init_source == FUSING and list(spec.fusing) == names
         rng = np.random.default_rng(seed_hash(config.seed, "fusing", cell.key, spec.run))
         kappa = rng.uniform(0.0, config.target.fusing_spread, size=len(names))
@@ -117,3 +130,174 @@ def test_pool_names_are_valid_for_hub_style_arch_names(tmp_path):
     _check_name(name)  # the pool accepts it
     with pytest.raises(PoolError):
         _check_name("digits-hf-hub:timm/resnet50")  # the unsanitised form it would refuse
+
+
+TASKS = ["digits_aux_flipped", "digits_aux_sheared", "digits_aux_shrunk"]
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """The reference's auxiliary recipe: 4 runs per task from a probed head, per-task steps."""
+    return tiny_config(
+        tmp_path,
+        aux={
+            "tasks": TASKS,
+            "runs_per_task": 4,
+            "head_init": "probe",
+            "steps": {"digits_aux_flipped": 7, "digits_aux_shrunk": 15001},
+            "hparams": "mild",
+            "hparams_override": {},
+        },
+        target={"arms": ["soups", "ratatouille", "fusing"], "n_runs": 16},
+    )
+
+
+def test_reference_recipe_plans_runs_per_task_draws_and_per_task_steps(reference):
+    specs = aux_specs(reference)
+    assert len(specs) == 3 * 4
+    assert [(s.task, s.run) for s in specs] == [(t, r) for t in TASKS for r in range(4)]
+    # by hand: flipped has its own 7; sheared is not in the mapping, so DomainBed's 5001
+    steps = {s.task: s.steps for s in specs}
+    assert steps == {
+        "digits_aux_flipped": 7,
+        "digits_aux_sheared": 5001,
+        "digits_aux_shrunk": 15001,
+    }
+    for task in TASKS:
+        runs = [s for s in specs if s.task == task]
+        # each run its own seeded draw of Table 3's mild grid, as the target's hparams
+        for spec in runs:
+            want = random_hparams("mild", seed_hash(reference.seed, "aux", task, spec.run))
+            assert spec.hparams == HParams(**want)
+        assert len({s.hparams for s in runs}) > 1 and len({s.seed for s in runs}) == 4
+    assert len({s.name for s in specs}) == 12
+
+
+def test_one_probe_per_aux_task_shared_by_that_tasks_runs(reference, tmp_path):
+    probes = aux_probe_specs(reference)
+    assert [p.task for p in probes] == TASKS
+    assert [p.steps for p in probes] == [7, 5001, 15001]  # the task's own schedule
+    heads = {p.task: p.name for p in probes}
+    assert len(set(heads.values())) == 3
+    for spec in aux_specs(reference):
+        assert spec.head == heads[spec.task]
+    random_head = tiny_config(tmp_path, aux={**reference.aux.model_dump(), "head_init": "random"})
+    assert aux_probe_specs(random_head) == []
+    assert {s.head for s in aux_specs(random_head)} == {None}
+
+
+def test_plan_counts_the_aux_probes(reference):
+    rows = {r["stage"]: r for r in plan_rows(reference, experiment_cells(reference), lambda _: 4)}
+    assert rows["aux_probe"]["trials"] == 3
+    assert rows["aux_probe"]["steps"] == 7 + 5001 + 15001
+    assert rows["aux"]["trials"] == 12
+    assert rows["aux"]["steps"] == 4 * (7 + 5001 + 15001)
+
+
+def test_sixteen_ratatouille_runs_start_from_distinct_featurizers(reference):
+    # 16 runs over phi_pt + 3 tasks x 4 runs: 4 per source, so each aux entry exactly once
+    specs = target_specs(reference, experiment_cells(reference))
+    counts = Counter(s.init_source for s in specs if s.arm == "ratatouille")
+    want = {aux_entry_name(reference, t, r): 1 for t in TASKS for r in range(4)}
+    assert counts == {PRETRAINED: 4, **want}
+
+
+def _changed(tmp_path, **sections):
+    return tiny_config(tmp_path, **sections)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": {"arch": "resnet18"}},
+        {"pretrain": {"lr": 3e-3}},  # another phi_pt
+        {"pretrain": {"task": "digits_aux_shrunk"}},
+        {"data": {"image_size": 16}},
+        {"data": {"augment": False}},
+        {"model": {"freeze_bn": False}},
+        {"data": {"holdout_fraction": 0.3}},
+        {"data": {"pipeline": "decoded"}},
+        {"seed": 1},
+        {"aux": {"head_init": "probe"}},
+        {"aux": {"steps": 13}},
+        {"aux": {"steps": {"digits_aux_flipped": 13}}},
+        {"aux": {"hparams_override": {"lr": [1e-4]}}},
+        {"probe": {"lr": 3e-3}, "aux": {"head_init": "probe"}},  # vs the probe with lr 1e-3
+    ],
+)
+def test_anything_that_shapes_the_weights_renames_the_entry(tmp_path, change):
+    base = tiny_config(tmp_path, aux={"head_init": "probe"} if "probe" in change else {})
+    raw = base.model_dump()
+    for section, values in change.items():
+        if isinstance(values, dict):
+            raw[section] = {**(raw[section] or {}), **values}
+        else:
+            raw[section] = values
+    other = parse_config(raw)
+    assert aux_entry_name(base, "digits_aux_flipped", 0) != aux_entry_name(
+        other, "digits_aux_flipped", 0
+    )
+
+
+def test_the_data_pipeline_version_renames_entries(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    before = aux_entry_name(config, "digits_aux_flipped", 0)
+    monkeypatch.setattr(sweep, "DATA_PIPELINE_VERSION", sweep.DATA_PIPELINE_VERSION + 1)
+    assert aux_entry_name(config, "digits_aux_flipped", 0) != before
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"aux": {"checkpoint_freq": 4}},  # when ID-val is read, not what is trained
+        {"aux": {"tasks": ["digits_aux_flipped"]}},  # another task's entries stay
+        {"target": {"n_runs": 7}},
+        {"data": {"test_envs": ["thick"], "split_seeds": [1]}},
+        {"resources": {"cpus_per_trial": 2}},
+    ],
+)
+def test_what_does_not_shape_an_entry_keeps_its_name(tmp_path, change):
+    base = tiny_config(tmp_path)
+    assert aux_entry_name(base, "digits_aux_flipped", 0) == aux_entry_name(
+        tiny_config(tmp_path, **change), "digits_aux_flipped", 0
+    )
+
+
+def test_the_manifest_recipe_records_each_field_that_shapes_the_weights(reference):
+    recipe = aux_recipe(reference, "digits_aux_shrunk", 2)
+    assert recipe["steps"] == 15001 and recipe["run"] == 2 and recipe["task"] == "digits_aux_shrunk"
+    assert recipe["head"] == aux_probe_name(reference, "digits_aux_shrunk")
+    assert recipe["pretrained"] == pretrained_identity(reference)
+    for key in ("arch", "image_size", "augment", "freeze_bn", "holdout_fraction", "seed"):
+        assert key in recipe
+    assert recipe["hparams"] == dataclasses.asdict(aux_specs(reference)[10].hparams)
+
+
+def test_domainbed_configs_follow_the_reference_pool_and_share_its_entries():
+    from pathlib import Path
+
+    from ratatouille.core.config import load_config
+
+    folder = Path(__file__).parent.parent / "experiments" / "domainbed"
+    configs = [load_config(path) for path in sorted(folder.glob("*.yaml"))]
+    assert len(configs) == 5
+    names: dict[tuple[str, int], set[str]] = {}
+    for config in configs:
+        assert (config.aux.runs_per_task, config.aux.head_init) == (4, "probe")
+        for spec in aux_specs(config):
+            assert spec.steps == (15001 if spec.task == "DomainNet" else 5001)
+            names.setdefault((spec.task, spec.run), set()).add(spec.name)
+    # each of the 5 datasets is an auxiliary task of the 4 others: one name per (task, run)
+    assert len(names) == 5 * 4 and all(len(n) == 1 for n in names.values())
+
+
+def test_a_weights_file_is_identified_by_its_content_not_its_path(tmp_path):
+    path = tmp_path / "phi.safetensors"
+    save_file(create_featurizer("test_resnet").state_dict(), str(path))
+    config = tiny_config(tmp_path, model={"init": "file", "weights_file": str(path)})
+    before = aux_entry_name(config, "digits_aux_flipped", 0)
+    torch.manual_seed(1)
+    save_file(create_featurizer("test_resnet").state_dict(), str(path))  # same path, new phi_pt
+    mtime = path.stat().st_mtime_ns + 10**9  # a coarse clock could repeat the first mtime
+    os.utime(path, ns=(mtime, mtime))
+    assert aux_entry_name(config, "digits_aux_flipped", 0) != before

@@ -6,13 +6,16 @@ import sys
 from pathlib import Path
 
 from ratatouille.orchestration.reporting import Outcome
+from ratatouille.reducer.claims import format_claims
 from ratatouille.reducer.summary import format_table, summarize_long
-from ratatouille.tracking.store import RUNS_PAGE_QUERY, latest_parent, read_comparison
+from ratatouille.tracking.store import RUNS_PAGE_QUERY, latest_parent, read_claims, read_comparison
 
 
 def print_outcome(outcome: Outcome) -> None:
     print(f"\n{outcome.experiment}: OOD test accuracy (%)\n")
     print(outcome.table_markdown)
+    if outcome.claims_markdown:
+        print(f"\nThe paper's claims on this sweep (computed)\n\n{outcome.claims_markdown}")
     for line in outcome.excluded:
         print(f"excluded {line}")
     print(f"\nfinal model: {outcome.final_strategies}")
@@ -41,15 +44,20 @@ def write_report(experiment: str | None, tracking_uri: str | None, out: str) -> 
     tracker, parent = latest_parent(experiment, tracking_uri)
     long = read_comparison(tracker)
     table = format_table(summarize_long(long))
+    claims = read_claims(tracker)
+    claims_md = "" if claims is None else format_claims(claims)
     folder = Path(out) / tracker.experiment_name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(
         f"# {tracker.experiment_name}: OOD test accuracy (%)\n\n"
         f"run {parent.info.run_id}\n\n{table}\n"
+        + (f"\n## The paper's claims (computed)\n\n{claims_md}\n" if claims_md else "")
     )
     long.to_csv(folder / "report.csv", index=False)
     print(f"{tracker.experiment_name}: OOD test accuracy (%), mean ± std over split seeds\n")
     print(table)
+    if claims_md:
+        print(f"\nThe paper's claims on this sweep (computed)\n\n{claims_md}")
     print(f"\nwrote {folder / 'report.md'} and {folder / 'report.csv'}")
     print(_mlflow_hint(tracker.uri, tracker.experiment_id))
     return folder

@@ -63,7 +63,9 @@ def balanced_sources(n_runs: int, n_sources: int, seed: int) -> list[int]:
 
 def balanced_over_sources(draw: InitDraw) -> list[InitChoice]:
     """Runs spread evenly over the source groups (paper Sec. 3, step 4); runs that share a
-    group cycle through that group's entries (an auxiliary task's several runs)."""
+    group cycle through that group's entries (an auxiliary task's several runs) in order, so
+    no featurizer of a group repeats before every one of them has been used once. With 20
+    runs over phi_pt and 4 tasks x 4 runs, each of the 16 auxiliary featurizers starts one run."""
     assignment = balanced_sources(
         draw.n_runs, len(draw.groups), seed_hash(draw.seed, "sources", draw.arm, draw.cell_key)
     )
@@ -77,10 +79,11 @@ def balanced_over_sources(draw: InitDraw) -> list[InitChoice]:
 
 def fusing_mixture(draw: InitDraw) -> list[InitChoice]:
     """Every run starts from a softmax(kappa) mixture of one featurizer per source, kappa_i ~
-    U(0, fusing_spread) drawn per run (paper F.1, Fusing)."""
-    names = [group[0] for group in draw.groups]
+    U(0, fusing_spread) drawn per run (paper F.1, Fusing); run ``r`` takes entry ``r mod size``
+    of each source, so the runs mix every featurizer of the pool, not only each task's first."""
     choices = []
     for run in range(draw.n_runs):
+        names = [group[run % len(group)] for group in draw.groups]
         rng = np.random.default_rng(seed_hash(draw.seed, "fusing", draw.cell_key, run))
         weights = fusing_weights(len(names), draw.fusing_spread, rng)
         choices.append(InitChoice(FUSING, dict(zip(names, map(float, weights)))))

@@ -39,6 +39,28 @@ class DataConfig(_Section):
         ge=0,
         description="DataLoader workers per training domain; None = cpus_per_trial - 1 (>= 0)",
     )
+    pipeline: Literal["pil", "decoded"] = Field(
+        "pil",
+        description="pil: decode and augment each image with PIL (the reference); decoded: a "
+        "uint8 store decoded once per node, augmented batched on the trial's device",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="absolute folder of the decoded stores (local disk of each node); "
+        "None = $RATATOUILLE_CACHE_DIR or ~/.cache/ratatouille/decoded",
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_absolute(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise ValueError(
+                f"cache_dir must be an absolute path (trials run in other folders), got {value!r}"
+            )
+        return str(path)
 
 
 class ModelConfig(_Section):
@@ -81,8 +103,22 @@ class PretrainConfig(TrainStageConfig):
 
 class AuxConfig(_Section):
     tasks: list[str] = Field(default_factory=list, description="auxiliary datasets T_1..T_K")
-    runs_per_task: int = Field(1, gt=0)
-    steps: int = Field(5001, gt=0)
+    runs_per_task: int = Field(
+        1,
+        gt=0,
+        description="runs per auxiliary dataset, each its own draw of `hparams` (reference: 4); "
+        "with hparams: default they share the defaults and differ by their seed alone",
+    )
+    steps: int | dict[str, int] = Field(
+        5001,
+        description="steps of every auxiliary run, or task -> steps (a task left out of the "
+        "mapping gets DomainBed's schedule for it: 15001 on DomainNet, 5001 otherwise)",
+    )
+    head_init: Literal["probe", "random"] = Field(
+        "random",
+        description="probe: each auxiliary run starts from a linear probe of phi_pt on its task, "
+        "made once per task (the reference's --output_dir_lp); random: a seeded random head",
+    )
     checkpoint_freq: int = Field(100, gt=0)
     hparams: Literal["default", "mild", "domainbed"] = "default"
     hparams_override: dict[str, list[float]] = Field(default_factory=dict)
@@ -105,6 +141,25 @@ class AuxConfig(_Section):
                 f"aux.eval_freq ({self.eval_freq}) must be a multiple of aux.checkpoint_freq "
                 f"({self.checkpoint_freq}): evaluations happen at checkpoints"
             )
+        return self
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_positive(cls, steps: int | dict[str, int]) -> int | dict[str, int]:
+        values = steps.values() if isinstance(steps, dict) else [steps]
+        if any(value < 1 for value in values):
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        return steps
+
+    @model_validator(mode="after")
+    def _steps_name_tasks(self) -> AuxConfig:
+        if isinstance(self.steps, dict):
+            unknown = sorted(set(self.steps) - set(self.tasks))
+            if unknown:
+                raise ValueError(
+                    f"steps names {unknown}, which are not in aux.tasks {self.tasks}: "
+                    "fix the task name or add it to aux.tasks"
+                )
         return self
 
 
@@ -193,6 +248,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"aux.tasks contains the target dataset {self.data.dataset!r}: it would leak the "
                 "target into its own initializations; remove it"
+            )
+        if self.pretrain is not None and self.pretrain.task == self.data.dataset:
+            raise ValueError(
+                f"pretrain.task is the target dataset {self.data.dataset!r}: phi_pt would have "
+                "seen the held-out domain; pre-train on another dataset"
             )
         arms = [ARMS[name] for name in self.target.arms]
         needs_pool = sorted(arm.name for arm in arms if arm.needs_pool)

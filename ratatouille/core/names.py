@@ -14,6 +14,7 @@ class Stage(StrEnum):
     """The Tune stages of one `ratatouille run`, in the order they run."""
 
     PRETRAIN = "pretrain"
+    AUX_PROBE = "aux_probe"  # the linear probe each auxiliary task's runs start from
     AUX = "aux"
     PROBE = "probe"
     TARGET = "target"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence, Sized
 from typing import Any, cast
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -28,6 +29,12 @@ class DatasetNotFoundError(DataError, FileNotFoundError):
 
 
 Transform = Callable[[Any], Tensor]
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as RGB (DomainBed's ImageFolder loader)."""
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert("RGB")
 
 
 class MultiDomainDataset:

@@ -4,18 +4,31 @@ Layout under ``root``: ``<FOLDER>/<domain>/<class>/<image>``. Domains are Domain
 ``ENVIRONMENTS`` (sorted folder names); classes are the sorted union of the class folders
 over all domains, so that a class missing from one domain cannot shift the labels of the
 others (DomainBed builds one ``ImageFolder`` per domain and would).
+
+``pipeline="pil"`` reads and transforms each file per item (the reference);
+``pipeline="decoded"`` reads the decoded store (``ratatouille.data.store``), built on first use,
+and its domains are :class:`~ratatouille.data.pipeline.StoredDomain` that the loaders of
+``ratatouille.data.pipeline`` augment batched on the trial's device.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from ratatouille.data.base import DatasetNotFoundError, FileDomain, MultiDomainDataset
+from ratatouille.data.base import (
+    DataError,
+    DatasetNotFoundError,
+    FileDomain,
+    MultiDomainDataset,
+    load_rgb,
+)
+from ratatouille.data.pipeline import StoredDomain
+from ratatouille.data.store import DecodedStore, open_store
 from ratatouille.data.transforms import domainbed_eval_transform, domainbed_train_transform
 
 DOWNLOAD_HINT = (
@@ -25,10 +38,8 @@ DOWNLOAD_HINT = (
 )
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image file as RGB (DomainBed's ImageFolder loader)."""
-    with open(path, "rb") as handle:
-        return Image.open(handle).convert("RGB")
+Pipeline = Literal["pil", "decoded"]
+PIPELINES: tuple[str, ...] = ("pil", "decoded")
 
 
 class DomainBedImageFolder(MultiDomainDataset):
@@ -43,7 +54,14 @@ class DomainBedImageFolder(MultiDomainDataset):
         *,
         image_size: int | None = None,
         augment: bool = True,
+        pipeline: Pipeline = "pil",
+        cache_dir: str | os.PathLike[str] | None = None,
+        build_workers: int | None = None,
     ) -> None:
+        if pipeline not in PIPELINES:
+            raise DataError(f"unknown data pipeline {pipeline!r}: choose one of {PIPELINES}")
+        self.pipeline, self.cache_dir, self.build_workers = pipeline, cache_dir, build_workers
+        self._store: DecodedStore | None = None
         self.name = type(self).__name__
         self.augment = augment
         size = self.DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
@@ -99,7 +117,22 @@ class DomainBedImageFolder(MultiDomainDataset):
         self._check_index(index)
         return len(self._samples[index])
 
+    def store(self) -> DecodedStore:
+        """The decoded store of every domain, opened (or built) on first use."""
+        if self._store is None:
+            self._store, _ = open_store(
+                self.name,
+                self.root,
+                self._samples,
+                self.image_size,
+                self.cache_dir,
+                self.build_workers,
+            )
+        return self._store
+
     def _domain_items(self, index: int, train: bool) -> Dataset:
+        if self.pipeline == "decoded":
+            return StoredDomain(self._samples[index], self.store(), index, train)
         transform = self._train_transform if train else self._eval_transform
         return FileDomain(self._samples[index], load_rgb, transform)
 

@@ -77,17 +77,29 @@ class InfiniteLoader:
     epochs are concatenated rather than truncated (DomainBed samples with replacement instead).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
-        if len(dataset) == 0:  # type: ignore[arg-type]
-            raise DataError("InfiniteLoader got an empty dataset: a training domain has no images")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if num_workers < 0:
-            raise DataError(f"num_workers must be >= 0, got {num_workers!r}")
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.check(len(dataset), batch_size, num_workers)  # type: ignore[arg-type]
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    @staticmethod
+    def check(size: int, batch_size: int, num_workers: int) -> None:
+        """One clear error for an empty domain, a bad batch size or a negative worker count."""
+        if size == 0:
+            raise DataError("InfiniteLoader got an empty dataset: a training domain has no images")
+        check_batch_size(batch_size)
+        if num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {num_workers!r}")
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         batches = _EndlessBatches(len(self.dataset), self.batch_size, self.seed)  # type: ignore[arg-type]
@@ -95,6 +107,7 @@ class InfiniteLoader:
             _SeededItems(self.dataset),
             batch_sampler=batches,
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             # DataLoader draws its workers' base seed from this generator; without one it
             # would draw from (and advance) the global RNG.
             generator=torch.Generator().manual_seed(seed_hash("InfiniteLoader.workers", self.seed)),
@@ -102,10 +115,21 @@ class InfiniteLoader:
         return iter(loader)
 
 
-def eval_loader(dataset: Dataset, batch_size: int = 64, num_workers: int = 0) -> DataLoader:
-    """Every item once, in order (no shuffle, no drop_last): for ID-val and OOD-test accuracy."""
+def check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def eval_loader(
+    dataset: Dataset, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """Every item once, in order (no shuffle, no drop_last): for ID-val and OOD-test accuracy."""
+    check_batch_size(batch_size)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from ratatouille.data import InfiniteLoader, MultiDomainDataset, TaskSplits, eval_loader
+from ratatouille.data import InfiniteLoader, MultiDomainDataset, TaskSplits, eval_batches
 from ratatouille.engine.models import feature_dim
 from ratatouille.engine.train import TrainingDiverged, autocast_for, loader_seed
 
@@ -75,10 +75,10 @@ def extract_features(
     featurizer.eval()
     feats, labels = [], []
     try:
-        for x, y in eval_loader(dataset, batch_size=batch_size, num_workers=num_workers):
+        for x, y in eval_batches(dataset, batch_size, device=device, num_workers=num_workers):
             with autocast_for(device):
-                feats.append(featurizer(x.to(device, non_blocking=True)).float())
-            labels.append(torch.as_tensor(y).long().to(device))
+                feats.append(featurizer(x).float())
+            labels.append(y.to(device, non_blocking=True))
     finally:
         featurizer.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from ratatouille.core.names import MetricKey
 from ratatouille.core.seeding import seed_hash
-from ratatouille.data import InfiniteLoader, eval_loader
+from ratatouille.data import eval_batches, train_batches
 from ratatouille.engine.models import Classifier
 
 SNAPSHOT_VERSION = 1
@@ -197,11 +197,12 @@ def predict_logits(
     logits, labels = [], []
     try:
         with _fork_rng(device):
-            for x, y in eval_loader(dataset, batch_size=batch_size, num_workers=num_workers):
+            batches = eval_batches(dataset, batch_size, device=device, num_workers=num_workers)
+            for x, y in batches:
                 with autocast_for(device):
-                    out = model(x.to(device, non_blocking=True))
+                    out = model(x)
                 logits.append(out.float().cpu())
-                labels.append(torch.as_tensor(y))
+                labels.append(y)
     finally:
         model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).long().numpy()
@@ -230,14 +231,6 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
         k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
         for k, v in model.state_dict().items()
     }
-
-
-def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """Host-to-device copy that does not make the host wait for the GPU: a copy from pageable
-    memory first synchronizes the stream, one from pinned memory is queued."""
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 class _LossMonitor:
@@ -398,13 +391,12 @@ class _FineTuning:
 
     def open_loaders(self, step: int) -> list[Iterator]:
         return [
-            iter(
-                InfiniteLoader(
-                    d,
-                    self.cfg.batch_size,
-                    loader_seed(self.cfg.seed, i, step),
-                    num_workers=self.cfg.num_workers,
-                )
+            train_batches(
+                d,
+                self.cfg.batch_size,
+                loader_seed(self.cfg.seed, i, step),
+                device=self.device,
+                num_workers=self.cfg.num_workers,
             )
             for i, d in enumerate(self.train)
         ]
@@ -414,9 +406,8 @@ class _FineTuning:
             self.batches = self.open_loaders(step)
         if self.optimizer_phase != self.phase(step):
             self.enter_phase(self.phase(step))
-        xs, ys = zip(*(next(batches) for batches in self.batches))
-        x = _to_device(torch.cat(xs), self.device)
-        y = _to_device(torch.cat([torch.as_tensor(t) for t in ys]).long(), self.device)
+        xs, ys = zip(*(next(batches) for batches in self.batches))  # already on the device
+        x, y = torch.cat(xs), torch.cat(ys)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.device):

@@ -129,6 +129,18 @@ def interpolation_curve(
     return _curve(lambda lam: interpolate(theta_a, theta_b, lam), evaluate, lambdas, known)
 
 
+def path_curve(
+    path: Callable[[float], StateDict],
+    evaluate: Evaluate,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    *,
+    known: Mapping[float, float] | None = None,
+) -> InterpolationCurve:
+    """Accuracy of ``path(l)`` for each ``l``: any path, e.g. one built once and evaluated on
+    several splits; ``evaluate`` is skipped at the lambdas of ``known``."""
+    return _curve(path, evaluate, lambdas, known)
+
+
 def three_weight_curve(
     theta_a: StateDict,
     theta_b: StateDict,

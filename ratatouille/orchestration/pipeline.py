@@ -36,13 +36,17 @@ from ratatouille.orchestration.search import (
     storage_root,
 )
 from ratatouille.pool.files import child_location, is_uri, sibling_location
-from ratatouille.pool.store import Pool
-from ratatouille.recipe.checks import check_experiment, experiment_cells
-from ratatouille.recipe.specs import AuxSpec, Cell, ProbeSpec
+from ratatouille.pool.store import HeadStore, Pool, incompatibilities
+from ratatouille.recipe.checks import check_experiment, check_source_leakage, experiment_cells
+from ratatouille.recipe.specs import AuxProbeSpec, AuxSpec, Cell, ProbeSpec, TrialSpec
 from ratatouille.recipe.stages import StateDict, context_for
 from ratatouille.recipe.sweep import (
+    COMPATIBILITY_KEYS,
     arm_sources,
+    aux_probe_specs,
+    aux_recipe,
     aux_specs,
+    base_recipe,
     pretrain_spec,
     pretrained_identity,
     probe_specs,
@@ -116,10 +120,13 @@ def _fill_pool(
         for spec in aux_specs(config)
         if spec.name not in pool or (spec.robust and robust_name(spec.name) not in pool)
     ]
-    outcomes = runner.run(Stage.AUX, list(missing), context_for(config, featurizers=featurizers))
+    heads = _aux_heads(config, runner, pool, featurizers, {s.head for s in missing if s.head})
+    context = context_for(config, featurizers=featurizers, heads=heads)
+    outcomes = runner.run(Stage.AUX, list(missing), context)
     for outcome in outcomes:
         spec, metrics = outcome.spec, outcome.metrics
         assert isinstance(spec, AuxSpec)
+        recipe = aux_recipe(config, spec.task, spec.run)
         pool.add(
             spec.name,
             _weights(outcome, WeightsFile.FEATURIZER),
@@ -127,6 +134,7 @@ def _fill_pool(
             arch=config.model.arch,
             id_val_acc=metrics[MetricKey.FINAL_ID_VAL_ACC],
             overwrite=True,
+            recipe=recipe,
         )
         if spec.robust:
             pool.add(
@@ -137,7 +145,32 @@ def _fill_pool(
                 robust=True,
                 id_val_acc=metrics.get(MetricKey.MA_ID_VAL_ACC),
                 overwrite=True,
+                recipe={**recipe, "moving_average": True},
             )
+
+
+def _aux_heads(
+    config: ExperimentConfig,
+    runner: StageRunner,
+    pool: Pool,
+    featurizers: dict[str, StateDict],
+    needed: set[str],
+) -> dict[str, StateDict]:
+    """The probed heads the missing auxiliary runs start from: probes the head store lacks run
+    as the aux_probe stage, once per task; the store keeps them, so a resume reuses them."""
+    store = HeadStore(sibling_location(pool.root, "aux_heads"))
+    todo: list[TrialSpec] = [
+        s for s in aux_probe_specs(config) if s.name in needed and s.name not in store
+    ]
+    base = {PRETRAINED: featurizers[PRETRAINED]}
+    for outcome in runner.run(Stage.AUX_PROBE, todo, context_for(config, featurizers=base)):
+        assert isinstance(outcome.spec, AuxProbeSpec)
+        store.add(
+            outcome.spec.name,
+            _weights(outcome, WeightsFile.HEAD),
+            source_task=outcome.spec.task,
+        )
+    return {name: store.load(name) for name in sorted(needed)}
 
 
 def _weights(outcome: TrialOutcome, name: WeightsFile) -> StateDict:
@@ -158,6 +191,15 @@ def _sources(config: ExperimentConfig, pool: Pool) -> dict[str, StateDict]:
         raise PipelineError(
             f"pool {pool.root} lacks {missing}: import them with "
             "`ratatouille pool import` or remove them from aux.extra_sources"
+        )
+    entries = [pool.get(name) for name in sorted(names)]
+    check_source_leakage(config, {entry.name: entry.source_task for entry in entries})
+    problems = incompatibilities(entries, base_recipe(config), COMPATIBILITY_KEYS)
+    if problems:
+        raise PipelineError(
+            "pool entries made for another network, phi_pt, image size or BN setting than this "
+            "experiment's cannot be mixed into its runs: " + "; ".join(problems) + ". Remove "
+            "them from aux.extra_sources, or run with the config that made them"
         )
     return {name: pool.load(name, expected_arch=config.model.arch) for name in sorted(names)}
 

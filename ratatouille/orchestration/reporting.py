@@ -29,6 +29,8 @@ from ratatouille.orchestration.search import (
 )
 from ratatouille.recipe.specs import Cell, TargetSpec, cell_key
 from ratatouille.recipe.stages import StateDict, context_for
+from ratatouille.reducer.claims import claims_metrics, claims_table, format_claims
+from ratatouille.reducer.plots import cross_cell_figures
 from ratatouille.reducer.plots import figures as cell_figures
 from ratatouille.reducer.reduce import (
     ReduceInputs,
@@ -54,6 +56,7 @@ class Outcome:
     excluded: list[str] = field(default_factory=list)  # "trial name: reason", one per trial
     experiment_id: str = ""
     model_versions: dict[str, str] = field(default_factory=dict)  # cell -> registered version
+    claims_markdown: str = ""  # the paper's claims, computed (reducer.claims)
 
 
 @dataclass
@@ -163,9 +166,10 @@ def reduce_metrics(results: dict[tuple[str, int], ReduceResult]) -> dict[str, fl
                     row.ood_acc
                 )
     diversity = pd.concat([r.diversity for r in results.values()], ignore_index=True)
-    for arm, rows in diversity.groupby("arm"):
-        metrics[f"q_diversity/{arm}"] = rows.q_diversity.mean()
-        metrics[f"ratio_error/{arm}"] = rows.ratio_error.mean()
+    for (arm, split), rows in diversity.groupby(["arm", "split"]):
+        suffix = "" if split == "ood_test" else f"_{split}"  # OOD keeps its earlier key
+        metrics[f"q_diversity{suffix}/{arm}"] = rows.q_diversity.mean()
+        metrics[f"ratio_error{suffix}/{arm}"] = rows.ratio_error.mean()
     return {key: float(value) for key, value in metrics.items() if pd.notna(value)}
 
 
@@ -212,11 +216,17 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
     for (domain, seed), result in results.items():
         suffix = "" if len(results) == 1 else f"_{cell_key(domain, seed)}"
         figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
+    claims = claims_table(results)
+    claims_md = format_claims(claims)
     report = table + "\n" + "".join(f"\nexcluded {line}" for line in excluded)
+    report += f"\n\n## The paper's claims, computed over {len(results)} cells\n\n{claims_md}"
     inputs = [item for reduction in cells.values() for item in reduction.inputs]
+    metrics = {**reduce_metrics(results), **claims_metrics(claims)}
     run_id, changed = tracker.log_reduction(
-        reduce_metrics(results), long_form(results), figures, {REPORT_MD: report + "\n"}, inputs
+        metrics, long_form(results), figures, {REPORT_MD: report + "\n"}, inputs
     )
+    if changed:
+        tracker.log_analysis(run_id, {"claims": claims}, cross_cell_figures(results))
     versions = _log_models(config, tracker, run_id, list(cells.values()))
     if changed:
         tracker.finish_run(run_id)
@@ -229,6 +239,7 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         excluded,
         experiment_id=tracker.experiment_id,
         model_versions=versions,
+        claims_markdown=claims_md,
     )
 
 

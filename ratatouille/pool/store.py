@@ -52,6 +52,9 @@ class PoolEntry:
     id_val_acc: float | None
     robust: bool
     created: str
+    # What shaped the weights (arch, phi_pt, data, seed, head, steps, hparams) as the planner
+    # records it; None for imported entries and manifests written before it was recorded.
+    recipe: dict[str, Any] | None = None
 
 
 @functools.lru_cache(maxsize=32)
@@ -149,8 +152,10 @@ class Pool:
         id_val_acc: float | None = None,
         robust: bool = False,
         overwrite: bool = False,
+        recipe: Mapping[str, Any] | None = None,
     ) -> PoolEntry:
-        """Store a featurizer state dict (keys of ``timm.create_model(arch, num_classes=0)``)."""
+        """Store a featurizer state dict (keys of ``timm.create_model(arch, num_classes=0)``);
+        ``recipe`` records what shaped it, for the compatibility check of a target."""
         _check_name(name)
         if not overwrite and name in self:  # fail before serialising; re-checked when writing
             raise self._exists(name)
@@ -176,6 +181,7 @@ class Pool:
             id_val_acc,
             bool(robust),
             datetime.now(UTC).isoformat(timespec="seconds"),
+            None if recipe is None else json.loads(json.dumps(dict(recipe))),  # JSON-able now
         )
         self._publish(entry, payload, overwrite)
         return entry
@@ -267,13 +273,87 @@ def _check_name(name: str) -> None:
         )
 
 
+#: Fields a manifest of an earlier version may lack.
+_OPTIONAL_FIELDS = frozenset({"recipe"})
+
+
+def incompatibilities(
+    entries: list[PoolEntry], expected: Mapping[str, Any], keys: tuple[str, ...]
+) -> list[str]:
+    """One line per entry whose recorded recipe differs from ``expected`` on one of ``keys``
+    (entries with no recorded recipe, imported by hand, are judged by their arch alone)."""
+    problems = []
+    for entry in entries:
+        if entry.recipe is None:
+            continue
+        differ = [
+            f"{key} {entry.recipe.get(key)!r} (expected {expected.get(key)!r})"
+            for key in keys
+            if entry.recipe.get(key) != expected.get(key)
+        ]
+        if differ:
+            problems.append(f"{entry.name}: {', '.join(differ)}")
+    return problems
+
+
+class HeadStore:
+    """Linear heads (``weight``, ``bias``) kept beside the pool: the probed heads auxiliary runs
+    start from, made once per auxiliary task and reused. Same files and safety as the pool:
+    safetensors, a sha256 per file in ``heads.json``, checked on every load."""
+
+    INDEX = "heads.json"
+
+    def __init__(self, root: str | Path) -> None:
+        self._files = PoolFiles(root)
+        self.root = self._files.location
+
+    def _index(self) -> dict[str, dict[str, Any]]:
+        try:
+            raw = json.loads(self._files.read(self.INDEX))
+        except FileNotFoundError:
+            return {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PoolError(f"{self._files.show(self.INDEX)} is not valid JSON ({err})") from err
+        if not isinstance(raw, dict):
+            raise PoolError(f"{self._files.show(self.INDEX)} is not a head index")
+        return raw
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._index()
+
+    def add(self, name: str, head: Mapping[str, torch.Tensor], *, source_task: str) -> None:
+        _check_name(name)
+        if set(head) != {"weight", "bias"} or head["weight"].dim() != 2:
+            raise PoolError(f"head {name!r} must be a 2-D 'weight' and a 'bias', got {list(head)}")
+        tensors = {key: value.detach().to("cpu").contiguous() for key, value in head.items()}
+        payload = st_save(tensors, metadata={"source_task": source_task})
+        with self._files.exclusive():
+            index = self._index()
+            self._files.write(f"{name}.safetensors", payload)
+            index[name] = {"sha256": hashlib.sha256(payload).hexdigest(), "task": source_task}
+            self._files.write(self.INDEX, (json.dumps(index, indent=2) + "\n").encode())
+
+    def load(self, name: str) -> dict[str, torch.Tensor]:
+        index = self._index()
+        if name not in index:
+            raise PoolError(f"no head {name!r} in {self.root}; run the experiment to make it")
+        payload = self._files.read(f"{name}.safetensors")
+        if hashlib.sha256(payload).hexdigest() != index[name]["sha256"]:
+            raise PoolError(
+                f"head {name!r} in {self.root} does not match its sha256 (changed or corrupted); "
+                "delete it and its heads.json line so the experiment makes it again"
+            )
+        return st_load(payload)
+
+
 def _parse_manifest(raw: object, path: str) -> dict[str, PoolEntry]:
     known = {field.name for field in fields(PoolEntry)}
+    required = known - _OPTIONAL_FIELDS
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
         raise PoolError(f"{path} has no 'entries' list; it is not a ratatouille pool manifest")
     manifest: dict[str, PoolEntry] = {}
     for item in raw["entries"]:
-        if not isinstance(item, dict) or set(item) != known:
+        if not isinstance(item, dict) or not required <= set(item) <= known:
             raise PoolError(
                 f"{path}: malformed entry {item!r}; expected the fields {sorted(known)}"
             )

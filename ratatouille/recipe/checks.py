@@ -9,6 +9,7 @@ or a trial is scheduled.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import cast
 
 from ratatouille.core.config import ConfigError, ExperimentConfig
@@ -22,7 +23,7 @@ from ratatouille.engine.models import (
     model_source,
 )
 from ratatouille.recipe.specs import Cell
-from ratatouille.recipe.sweep import aux_specs, target_specs
+from ratatouille.recipe.sweep import aux_probe_specs, aux_specs, target_specs
 
 
 def domain_names(dataset: str, seed: int) -> list[str]:
@@ -86,10 +87,24 @@ def _check_model(config: ExperimentConfig) -> None:
 def _check_trial_specs(config: ExperimentConfig, cells: list[Cell]) -> None:
     """Build every spec once: a bad hyperparameter grid fails here, not inside a trial."""
     try:
+        aux_probe_specs(config)
         aux_specs(config)
         target_specs(config, cells)
     except ValueError as error:
         raise ConfigError(f"invalid config {config.name!r}: {error}") from None
+
+
+def check_source_leakage(config: ExperimentConfig, source_tasks: Mapping[str, str]) -> None:
+    """``aux.extra_sources`` against the target, as ``aux.tasks`` and ``pretrain.task`` are in
+    the config's validation: ``source_tasks`` maps each pool entry to the task it was trained on
+    (the pool's manifest), known only where the pool is, so the pipeline calls this."""
+    target = config.data.dataset
+    leaking = sorted(name for name in config.aux.extra_sources if source_tasks.get(name) == target)
+    if leaking:
+        raise ConfigError(
+            f"aux.extra_sources {leaking} were fine-tuned on the target dataset {target!r}: they "
+            "would leak the target into its own initializations; remove them"
+        )
 
 
 def check_experiment(config: ExperimentConfig) -> list[Cell]:

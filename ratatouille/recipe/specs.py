@@ -99,6 +99,18 @@ class PretrainSpec(TrialSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuxProbeSpec(TrialSpec):
+    """The linear probe of phi_pt on an auxiliary task: the head its runs start from."""
+
+    stage: ClassVar[Stage] = Stage.AUX_PROBE
+    name: str  # the key of the head in the pool's head store
+    task: str
+
+    def _name_parts(self) -> tuple[Any, ...]:
+        return (self.stage, self.task)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuxSpec(TrialSpec):
     """One auxiliary fine-tuning (w_aux, phi_aux) of phi_pt: a pool entry."""
 
@@ -108,6 +120,7 @@ class AuxSpec(TrialSpec):
     run: int
     checkpoint_freq: int
     robust: bool  # also keep the moving average (App. E)
+    head: str | None  # the AuxProbeSpec name whose head it starts from; None: a random head
     eval_freq: int | None = None  # ID-val every this many steps; None = at the end only
 
     def _name_parts(self) -> tuple[Any, ...]:
@@ -143,7 +156,7 @@ class TargetSpec(TrialSpec):
 
 
 SPEC_TYPES: dict[str, type[TrialSpec]] = {
-    str(cls.stage): cls for cls in (PretrainSpec, AuxSpec, ProbeSpec, TargetSpec)
+    str(cls.stage): cls for cls in (PretrainSpec, AuxProbeSpec, AuxSpec, ProbeSpec, TargetSpec)
 }
 
 

@@ -30,6 +30,7 @@ from ratatouille.engine.probe import linear_probe
 from ratatouille.engine.train import FineTuneConfig, FineTuneResult, evaluate_accuracy, fine_tune
 from ratatouille.merging.soups import average
 from ratatouille.recipe.specs import (
+    AuxProbeSpec,
     AuxSpec,
     PretrainSpec,
     ProbeSpec,
@@ -85,6 +86,8 @@ class TrialContext:
             image_size=self.data.image_size,
             augment=self.data.augment if augment is None else augment,
             seed=self.seed,
+            pipeline=self.data.pipeline,
+            cache_dir=self.data.cache_dir,
         )
 
 
@@ -200,6 +203,8 @@ def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
     dataset = ctx.dataset(spec.task)
     splits = auxiliary_splits(dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction)
     model = _pretrained_classifier(ctx, dataset.num_classes, spec.hparams.dropout, spec.seed)
+    if spec.head is not None:  # the task's linear probe, against feature distortion
+        model.head.load_state_dict(ctx.heads[spec.head])
     # The moving average starts after 100 steps (Arpit et al.), earlier in very short runs.
     cfg = _finetune_config(
         spec,
@@ -221,12 +226,22 @@ def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
     reporter.report(metrics, weights=weights)
 
 
-def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
-    """w_lp: the linear probe of phi_pt on the target task, on features extracted once."""
-    cell = spec.cell
-    # The probe reads ID-train through the eval transform: features are extracted once.
-    dataset = ctx.dataset(ctx.data.dataset, augment=False)
-    splits = target_splits(dataset, [cell.test_env], cell.split_seed, ctx.data.holdout_fraction)
+def run_aux_probe(spec: AuxProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
+    """The head an auxiliary task's runs start from: a linear probe of phi_pt on every domain
+    of the task, fitted on cached features as the target's w_lp is."""
+    dataset = ctx.dataset(spec.task, augment=False)
+    splits = auxiliary_splits(dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction)
+    _probe_and_report(spec, ctx, reporter, dataset, splits, _data_input(dataset, ctx, 0))
+
+
+def _probe_and_report(
+    spec: AuxProbeSpec | ProbeSpec,
+    ctx: TrialContext,
+    reporter: Reporter,
+    dataset: MultiDomainDataset,
+    splits: Any,
+    data_input: dict[str, str],
+) -> None:
     model = _pretrained_classifier(ctx, dataset.num_classes, 0.0, spec.seed)
     hp = spec.hparams
     probe = linear_probe(
@@ -242,13 +257,19 @@ def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
         device=ctx.device(),
     )
     reporter.report(
-        {
-            MetricKey.FINAL_ID_VAL_ACC: probe.id_val_acc,
-            MetricKey.DONE: True,
-            **_data_input(dataset, ctx, cell.split_seed, test_env=cell.test_env),
-        },
+        {MetricKey.FINAL_ID_VAL_ACC: probe.id_val_acc, MetricKey.DONE: True, **data_input},
         weights={WeightsFile.HEAD: dict(probe.head_state)},
     )
+
+
+def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
+    """w_lp: the linear probe of phi_pt on the target task, on features extracted once."""
+    cell = spec.cell
+    # The probe reads ID-train through the eval transform: features are extracted once.
+    dataset = ctx.dataset(ctx.data.dataset, augment=False)
+    splits = target_splits(dataset, [cell.test_env], cell.split_seed, ctx.data.holdout_fraction)
+    data_input = _data_input(dataset, ctx, cell.split_seed, test_env=cell.test_env)
+    _probe_and_report(spec, ctx, reporter, dataset, splits, data_input)
 
 
 def init_featurizer(spec: TargetSpec, ctx: TrialContext) -> StateDict | None:
@@ -284,6 +305,8 @@ def run_trial(spec: TrialSpec, ctx: TrialContext, reporter: Reporter) -> None:
     """Dispatch a typed spec to its stage body."""
     if isinstance(spec, PretrainSpec):
         run_pretrain(spec, ctx, reporter)
+    elif isinstance(spec, AuxProbeSpec):
+        run_aux_probe(spec, ctx, reporter)
     elif isinstance(spec, AuxSpec):
         run_aux(spec, ctx, reporter)
     elif isinstance(spec, ProbeSpec):

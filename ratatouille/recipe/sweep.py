@@ -9,6 +9,10 @@ sweep rebuilds exactly the same ones.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +23,7 @@ from ratatouille.core.names import PRETRAINED
 from ratatouille.core.seeding import seed_hash
 from ratatouille.engine.hparams import dataset_schedule, default_hparams, random_hparams
 from ratatouille.recipe.specs import (
+    AuxProbeSpec,
     AuxSpec,
     Cell,
     HParams,
@@ -29,18 +34,149 @@ from ratatouille.recipe.specs import (
     digest,
 )
 
+#: Bump when the data pipeline (transforms, splits, loaders) changes what a trial reads: every
+#: featurizer made before then gets another name, so old and new never mix in one pool.
+DATA_PIPELINE_VERSION = 1
+
 
 def pretrained_identity(config: ExperimentConfig) -> str:
     """Names phi_pt: what the pool's entries were fine-tuned from."""
     model = config.model
     if model.init == "pretrain":
         assert config.pretrain is not None
-        return (
-            f"pretrain-{config.pretrain.task}-{model.arch}-{digest(config.pretrain.model_dump())}"
-        )
+        recipe = {
+            **config.pretrain.model_dump(),
+            "data": _data_recipe(config, augment=config.data.augment),
+            "seed": seed_hash(config.seed, "pretrain", config.pretrain.task),
+        }
+        return f"pretrain-{config.pretrain.task}-{model.arch}-{digest(recipe)}"
     if model.init == "file":
-        return f"file-{model.arch}-{digest(model.weights_file)}"
+        assert model.weights_file is not None
+        return f"file-{model.arch}-{_file_identity(model.weights_file)}"
     return f"hub-{model.arch}"
+
+
+def _file_identity(path: str) -> str:
+    """The weights file's content hash: another file at the same path is another phi_pt. A
+    path this process cannot read (a worker's disk) is named by its path alone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return digest(path)
+    return _content_digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of the file, computed once per (path, size, mtime): the planner asks per spec."""
+    del size, mtime_ns  # part of the cache key only: a rewritten file is hashed again
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()[:8]
+
+
+def _data_recipe(config: ExperimentConfig, *, augment: bool) -> dict[str, Any]:
+    data = config.data
+    return {
+        "image_size": data.image_size,
+        "augment": augment,
+        "holdout_fraction": data.holdout_fraction,
+        "pipeline": DATA_PIPELINE_VERSION,
+        # the decoded store crops from the stored S x S image, PIL from the original file
+        "loader": data.pipeline,
+    }
+
+
+#: The fields of a pool entry's recipe that every featurizer one target run mixes must share.
+COMPATIBILITY_KEYS = ("arch", "pretrained", "image_size", "freeze_bn")
+
+
+def base_recipe(config: ExperimentConfig) -> dict[str, Any]:
+    """What the featurizers of one experiment share: the network, the phi_pt they were
+    fine-tuned from, the input size and BN freezing. A target refuses pool entries whose
+    recorded recipe differs on any of these (``COMPATIBILITY_KEYS``)."""
+    return {
+        "arch": config.model.arch,
+        "pretrained": pretrained_identity(config),
+        "image_size": config.data.image_size,
+        "freeze_bn": config.model.freeze_bn,
+    }
+
+
+def aux_steps(config: ExperimentConfig, task: str) -> int:
+    """Steps of the auxiliary runs on ``task``: one number for all, or a per-task mapping whose
+    missing tasks get DomainBed's schedule (15001 on DomainNet, as the reference)."""
+    steps = config.aux.steps
+    if isinstance(steps, int):
+        return steps
+    return steps.get(task, dataset_schedule(task)[0])
+
+
+def _entry_stem(config: ExperimentConfig, task: str) -> str:
+    arch = re.sub(r"[^A-Za-z0-9._-]", "_", config.model.arch)  # e.g. "hf-hub:timm/..." names
+    return f"{task}-{arch}"
+
+
+def _aux_probe_recipe(config: ExperimentConfig, task: str) -> dict[str, Any]:
+    probe = config.probe
+    return {
+        **base_recipe(config),
+        **_data_recipe(config, augment=False),  # features of the evaluation transform
+        "task": task,
+        "steps": aux_steps(config, task),
+        "hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "batch": probe.batch_size},
+        "seed": seed_hash(config.seed, "aux_probe", task),
+    }
+
+
+def aux_probe_name(config: ExperimentConfig, task: str) -> str | None:
+    """Key of the probed head the runs on ``task`` start from (None with a random head)."""
+    if config.aux.head_init != "probe":
+        return None
+    return f"{_entry_stem(config, task)}-lp-{digest(_aux_probe_recipe(config, task))}"
+
+
+def aux_probe_specs(config: ExperimentConfig) -> list[AuxProbeSpec]:
+    """One linear probe of phi_pt per auxiliary task (aux.head_init: probe), shared by that
+    task's runs: made once, kept in the pool's head store, reused on resume."""
+    specs = []
+    for task in config.aux.tasks:
+        name = aux_probe_name(config, task)
+        if name is None:
+            continue
+        probe = config.probe
+        specs.append(
+            AuxProbeSpec(
+                name=name,
+                task=task,
+                hparams=HParams(
+                    lr=probe.lr,
+                    weight_decay=probe.weight_decay,
+                    batch_size=probe.batch_size,
+                    dropout=0.0,
+                ),
+                steps=aux_steps(config, task),
+                seed=seed_hash(config.seed, "aux_probe", task),
+            )
+        )
+    return specs
+
+
+def aux_recipe(config: ExperimentConfig, task: str, run: int) -> dict[str, Any]:
+    """Everything that shapes the weights of auxiliary run ``run`` on ``task``: its pool
+    entry's name is a digest of it and the manifest records it."""
+    return {
+        **base_recipe(config),
+        **_data_recipe(config, augment=config.data.augment),
+        "task": task,
+        "run": run,
+        "steps": aux_steps(config, task),
+        "hparams": dataclasses.asdict(_aux_hparams(config, task, run)),
+        "seed": seed_hash(config.seed, "aux", task, run),
+        "head": aux_probe_name(config, task),  # itself a digest of the probe's recipe
+    }
 
 
 def _stage_steps(config: ExperimentConfig) -> tuple[int, int]:
@@ -71,14 +207,9 @@ def pretrain_spec(config: ExperimentConfig) -> PretrainSpec | None:
 
 
 def aux_entry_name(config: ExperimentConfig, task: str, run: int) -> str:
-    """Pool name of an auxiliary fine-tuning: same recipe and phi_pt -> same name -> reused."""
-    recipe = {
-        # eval_freq changes what is measured, not the weights: same entry
-        "aux": config.aux.model_dump(exclude={"tasks", "extra_sources", "eval_freq"}),
-        "from": pretrained_identity(config),
-    }
-    arch = re.sub(r"[^A-Za-z0-9._-]", "_", config.model.arch)  # e.g. "hf-hub:timm/..." names
-    return f"{task}-{arch}-r{run}-{digest(recipe)}"
+    """Pool name of an auxiliary fine-tuning: same recipe -> same name -> reused; any change
+    of what shapes its weights (see ``aux_recipe``) -> another name, never a mixed pool."""
+    return f"{_entry_stem(config, task)}-r{run}-{digest(aux_recipe(config, task, run))}"
 
 
 def robust_name(entry_name: str) -> str:
@@ -95,16 +226,18 @@ def _aux_hparams(config: ExperimentConfig, task: str, run: int) -> HParams:
 
 
 def aux_specs(config: ExperimentConfig) -> list[AuxSpec]:
-    """One trial per (auxiliary task x run); the pool stage skips names it already holds."""
+    """``runs_per_task`` trials per auxiliary task, each with its own hyperparameter draw
+    (``--n_hparams`` of the reference); the pool stage skips names it already holds."""
     return [
         AuxSpec(
             name=aux_entry_name(config, task, run),
             task=task,
             run=run,
             hparams=_aux_hparams(config, task, run),
-            steps=config.aux.steps,
+            steps=aux_steps(config, task),
             checkpoint_freq=config.aux.checkpoint_freq,
             robust=config.aux.robust,
+            head=aux_probe_name(config, task),
             eval_freq=config.aux.eval_freq,
             seed=seed_hash(config.seed, "aux", task, run),
         )
@@ -190,6 +323,8 @@ def plan_rows(
     stages: list[tuple[str, list[TrialSpec], Callable[[Any], int]]] = []
     if pretrain is not None:
         stages.append(("pretrain", [pretrain], lambda s: n_domains(s.task)))
+    if config.aux.head_init == "probe":
+        stages.append(("aux_probe", list(aux_probe_specs(config)), lambda s: n_domains(s.task)))
     stages.append(("aux", list(aux_specs(config)), lambda s: n_domains(s.task)))
     stages.append(("probe", list(probe_specs(config, cells)), lambda s: target_domains))
     stages.append(("target", list(target_specs(config, cells)), lambda s: target_domains))

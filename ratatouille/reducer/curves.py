@@ -1,4 +1,5 @@
-"""The reducer's interpolation curves (paper Sec. 4.3, Fig. 4; App. D.2, Fig. 17), on OOD test.
+"""The reducer's interpolation curves (paper Sec. 4.3, Fig. 4; App. D.2, Fig. 17; App. D.5,
+Fig. 5a, 20, 21).
 
 - ``hypothesis_1``: ``acc((w_lp, (1 - l) * phi_a_aux + l * phi_b_aux))`` for two pool
   featurizers (the shared linear probe ``w_lp`` on top);
@@ -7,32 +8,65 @@
 - ``three_weights``: ``acc((1 - l)/2 * theta_a + (1 - l)/2 * theta_b + l * theta_c)`` for
   three runs from three different sources.
 
-Endpoints are chosen deterministically: auxiliary sources in sorted order (the pre-trained
-source 0 only when fewer auxiliary sources exist), and per source its best-ID-val run. A run's
-accuracy at an endpoint comes from the reducer's cache, so no run is predicted twice.
+``curves`` holds one curve per hypothesis on OOD test (Fig. 4): endpoints chosen
+deterministically, auxiliary sources in sorted order (the pre-trained source 0 only when fewer
+auxiliary sources exist), per source its best-ID-val run. A run's accuracy at an endpoint comes
+from the reducer's cache, so no run is predicted twice.
+
+One pair says little about a hypothesis, so :func:`lmc_pairs` also evaluates up to
+``LMC_PAIRS`` pairs per hypothesis, each on OOD test AND on ID val (Fig. 20, 21), one row per
+(hypothesis, split, pair) with its verdict: Hypothesis 1 pairs two pool featurizers of
+different auxiliary tasks where there are such, Hypothesis 2 two target runs of different
+init sources; pairs are drawn with a seeded generator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import itertools
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas
 from torch import Tensor
 
 from ratatouille.core.arms import arms_where
 from ratatouille.core.names import PRETRAINED
+from ratatouille.core.seeding import seed_hash
 from ratatouille.engine.models import join_state
 from ratatouille.merging.interpolation import (
     InterpolationCurve,
     interpolation_curve,
     lambda_grid,
     lmc_verdict,
+    path_curve,
     three_weight_curve,
 )
-from ratatouille.reducer.evaluate import OOD_TEST, Evaluator
+from ratatouille.merging.soups import interpolate
+from ratatouille.reducer.evaluate import ID_VAL, OOD_TEST, Evaluator, Split
 from ratatouille.reducer.inputs import ReduceInputs, TargetRun
 
 StateDict = Mapping[str, Tensor]
+
+#: pairs evaluated per hypothesis (each costs n_lambdas forward passes per split)
+LMC_PAIRS = 3
+LMC_SPLITS: tuple[Split, ...] = (OOD_TEST, ID_VAL)
+LMC_COLUMNS = [
+    "hypothesis",
+    "split",
+    "pair",
+    "endpoint_a",
+    "endpoint_b",
+    "lmc_holds",
+    "worst_gap",
+    "worst_lambda",
+    "tolerance",
+    "lambdas",
+    "gaps",
+]
+_ENTRY_TASK = re.compile(r"^(?P<task>[^-]+)-.+-r\d+-[0-9a-f]{8}(-ma)?$")
 
 
 @dataclass(frozen=True)
@@ -166,10 +200,115 @@ def _three_weights(
     )
 
 
+def source_task(name: str) -> str:
+    """The auxiliary task of a pool entry "<task>-<arch>-r<run>-<digest>"
+    (recipe.sweep.aux_entry_name; "-ma" for its moving average); any other name is its own."""
+    match = _ENTRY_TASK.match(name)
+    return match.group("task") if match else name
+
+
+def _sample_pairs(
+    items: Sequence[str], key: Callable[[str], str], limit: int, seed: int, what: str
+) -> list[tuple[str, str]]:
+    """Up to ``limit`` pairs of ``items``, those with different ``key`` first, seeded order."""
+    pairs = list(itertools.combinations(sorted(items), 2))
+    different = [p for p in pairs if key(p[0]) != key(p[1])]
+    pool = different or pairs
+    order = np.random.default_rng(seed_hash(seed, "lmc_pairs", what)).permutation(len(pool))
+    return [pool[k] for k in order[:limit]]
+
+
+def _score(ev: Evaluator, split: Split, state: StateDict) -> float:
+    return ev.accuracy(state, split)
+
+
+def _rows(
+    hypothesis: str,
+    pair: int,
+    ends: tuple[str, str],
+    path: Callable[[float], StateDict],
+    ev: Evaluator,
+    lambdas: Sequence[float],
+    tolerance: float,
+    known: Mapping[Split, Mapping[float, float]],
+) -> list[dict]:
+    rows = []
+    for split in LMC_SPLITS:
+        score = functools.partial(_score, ev, split)
+        curve = path_curve(path, score, lambdas, known=known.get(split))
+        verdict = lmc_verdict(curve, tolerance)
+        rows.append(
+            {
+                "hypothesis": hypothesis,
+                "split": split,
+                "pair": pair,
+                "endpoint_a": ends[0],
+                "endpoint_b": ends[1],
+                "lmc_holds": verdict.holds,
+                "worst_gap": verdict.worst_gap,
+                "worst_lambda": verdict.worst_lambda,
+                "tolerance": tolerance,
+                "lambdas": tuple(curve.lambdas),
+                "gaps": tuple(curve.gaps()),
+            }
+        )
+    return rows
+
+
+def lmc_pairs(
+    inputs: ReduceInputs,
+    runs: Sequence[TargetRun],
+    ev: Evaluator,
+    max_pairs: int = LMC_PAIRS,
+) -> pandas.DataFrame:
+    """Several pairs per hypothesis, each on both splits: the rows of :data:`LMC_COLUMNS`."""
+    lambdas = lambda_grid(inputs.settings.n_lambdas)
+    tol, seed = inputs.settings.lmc_tolerance, inputs.settings.seed
+    rows: list[dict] = []
+    names = [n for n in inputs.pool_featurizers if n != PRETRAINED]
+    for k, (a, b) in enumerate(_sample_pairs(names, source_task, max_pairs, seed, "hypothesis_1")):
+        theta_a, theta_b = (
+            {**inputs.init_state, **join_state(inputs.pool_featurizers[n](), inputs.w_lp)}
+            for n in (a, b)
+        )
+        path = _interpolator(theta_a, theta_b)
+        rows += _rows("hypothesis_1", k, (a, b), path, ev, lambdas, tol, {})
+    by_id = {r.run_id: r for r in runs}
+    source = {r.run_id: r.init_source for r in runs}
+    task = {run_id: source_task(s) for run_id, s in source.items()}
+    # runs of different auxiliary tasks first (the paper's pairs), else of different entries
+    pairs = _sample_pairs(list(by_id), task.__getitem__, max_pairs, seed, "hypothesis_2")
+    if not any(task[a] != task[b] for a, b in pairs):
+        pairs = _sample_pairs(list(by_id), source.__getitem__, max_pairs, seed, "hypothesis_2")
+    for k, (a, b) in enumerate(p for p in pairs if source[p[0]] != source[p[1]]):
+        # one pair's two states at a time: they are freed when _run_pair_rows returns
+        rows += _run_pair_rows(k, by_id[a], by_id[b], ev, lambdas, tol)
+    return pandas.DataFrame(rows, columns=LMC_COLUMNS)
+
+
+def _run_pair_rows(
+    k: int, a: TargetRun, b: TargetRun, ev: Evaluator, lambdas: Sequence[float], tol: float
+) -> list[dict]:
+    known = {
+        split: {
+            lambdas[0]: ev.run_accuracy(a.run_id, split),
+            lambdas[-1]: ev.run_accuracy(b.run_id, split),
+        }
+        for split in LMC_SPLITS
+    }
+    path = _interpolator(a.load_state(), b.load_state())
+    return _rows("hypothesis_2", k, (a.run_id, b.run_id), path, ev, lambdas, tol, known)
+
+
+def _interpolator(theta_a: StateDict, theta_b: StateDict) -> Callable[[float], StateDict]:
+    return lambda lam: interpolate(theta_a, theta_b, lam)
+
+
 def compute_curves(
     inputs: ReduceInputs, arms: Mapping[str, Sequence[TargetRun]], ev: Evaluator
-) -> tuple[dict[str, CurveResult], dict[str, str]]:
-    """The three curves that the sweep supports, and why any other one is skipped.
+) -> tuple[dict[str, CurveResult], pandas.DataFrame, dict[str, str]]:
+    """The three curves that the sweep supports, the per-pair LMC frame of :func:`lmc_pairs`,
+    and why any curve is skipped.
 
     Runs come from the ``ratatouille`` arm (``robust_ratatouille`` when it is the only one).
     """
@@ -184,4 +323,4 @@ def compute_curves(
     }
     curves = {k: v for k, v in outcomes.items() if isinstance(v, CurveResult)}
     skipped = {k: v for k, v in outcomes.items() if isinstance(v, str)}
-    return curves, skipped
+    return curves, lmc_pairs(inputs, runs, ev), skipped

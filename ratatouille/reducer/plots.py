@@ -7,10 +7,18 @@ writes them all as PNG.
 
 - :func:`plot_curves`: interpolation curves with Eq. (1)'s straight line dashed (Fig. 4, 17);
 - :func:`plot_diversity_gain`: diversity vs gain of the pair average, per arm (Fig. 3c);
-- :func:`plot_source_diversity`: same- vs different-source diversity (Fig. 3a);
+- :func:`plot_source_diversity`: same- vs different-source diversity, OOD and ID val (Fig. 3a,
+  5d);
 - :func:`plot_ablation_runs` / :func:`plot_ablation_sources`: accuracy vs M (Fig. 8) and vs
-  the number of sources (Fig. 6), with a +- std band over draws;
+  the number of sources at fixed M (Fig. 6), with a +- std band over draws;
+- :func:`plot_mixing`: accuracy vs the mixing ratio mu at fixed M (Fig. 3d) and ID-val vs OOD
+  accuracy of the same mixes (Fig. 5b-c), mean +- s.e. over draws;
+- :func:`plot_lmc_pairs`: every evaluated pair's gap to Eq. (1)'s line, OOD and ID val, with
+  the mean over pairs +- s.e. (Fig. 4, 5a, 20, 21);
 - :func:`plot_strategies`: OOD accuracy per strategy with its ID-val accuracy beside it.
+
+Across cells (:func:`cross_cell_figures`): strategies with s.e. error bars over cells,
+diversity vs gain of every cell's pairs, LMC verdicts counted over cells and pairs.
 """
 
 from __future__ import annotations
@@ -119,11 +127,18 @@ def plot_source_diversity(
     fig, (ax,) = _figure()
     if frame.empty:
         return _empty(fig, ax, "no recycling arm with pairs")
-    labels = [f"{row.arm}\n{row.pairs.replace('_', ' ')}" for row in frame.itertuples()]
+    split = frame["split"] if "split" in frame else pandas.Series(["ood_test"] * len(frame))
+    labels = [
+        f"{row.arm}\n{row.pairs.replace('_', ' ')}\n{where.replace('_', ' ')}"
+        for row, where in zip(frame.itertuples(), split)
+    ]
     colors = ["tab:blue" if p == "same_source" else "tab:orange" for p in frame.pairs]
-    ax.bar(range(len(frame)), frame[measure], color=colors)
-    ax.set_xticks(range(len(frame)), labels, fontsize=8)
-    ax.set_ylabel(f"mean pairwise {measure.replace('_', '-')} (OOD)")
+    alphas = [1.0 if where == "ood_test" else 0.5 for where in split]
+    bars = ax.bar(range(len(frame)), frame[measure], color=colors)
+    for bar, alpha in zip(bars, alphas):
+        bar.set_alpha(alpha)
+    ax.set_xticks(range(len(frame)), labels, fontsize=7)
+    ax.set_ylabel(f"mean pairwise {measure.replace('_', '-')}")
     ax.set_title(title or "Diversity: same vs different initialisation source")
     return fig
 
@@ -156,13 +171,84 @@ def plot_ablation_runs(frame: pandas.DataFrame, title: str = "") -> Figure:
 
 
 def plot_ablation_sources(frame: pandas.DataFrame, title: str = "") -> Figure:
-    """Fig. 6: OOD accuracy vs the number of initialisation sources (pre-trained included)."""
+    """Fig. 6: OOD accuracy vs the number of initialisation sources (pre-trained included), at
+    a fixed number of averaged runs M, which the title states."""
+    sizes = sorted({int(m) for m in frame["n_models"]}) if "n_models" in frame else []
+    fixed = f"M = {', '.join(map(str, sizes))} runs at every point" if sizes else ""
     return _band_plot(
         frame,
         "n_sources",
         "number of sources (pre-trained included)",
-        title or "Uniform average of the runs from random subsets of sources",
+        title
+        or "Uniform average of M runs balanced over random subsets of sources\n"
+        f"({fixed}: the run count of the one-source point)",
     )
+
+
+def _mean_se(values: pandas.Series) -> tuple[float, float]:
+    n = len(values)
+    se = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return float(values.mean()), se
+
+
+def plot_mixing(frame: pandas.DataFrame, title: str = "") -> Figure:
+    """Fig. 3d (OOD accuracy vs mu, +- s.e. over draws) and Fig. 5b-c (ID val vs OOD)."""
+    fig, (left, right) = _figure(5.0, 3.8, 2)
+    if frame.empty:
+        return _empty(fig, left, "no ratatouille and soups arms to mix")
+    stats = []
+    for mu, group in frame.groupby("mu", sort=True):
+        stats.append((float(mu), *_mean_se(group.ood_acc), *_mean_se(group.id_val_acc)))
+    mus, ood, ood_se, idv, idv_se = (np.array(col) for col in zip(*stats))
+    m = int(frame.n_models.iloc[0])
+    left.errorbar(mus, ood, yerr=ood_se, fmt="o-", color=_color("ratatouille"), capsize=3)
+    left.set_xlabel("mu (share of ratatouille runs among M)")
+    left.set_ylabel("OOD test accuracy (uniform average)")
+    left.set_title(f"Mixing ratatouille and soups runs, M = {m} (+- s.e.)", fontsize=9)
+    points = right.scatter(idv, ood, c=mus, cmap="viridis")
+    right.errorbar(idv, ood, xerr=idv_se, yerr=ood_se, fmt="none", ecolor="gray", alpha=0.5)
+    fig.colorbar(points, ax=right, label="mu")
+    right.set_xlabel("ID val accuracy")
+    right.set_ylabel("OOD test accuracy")
+    right.set_title("ID vs OOD accuracy of the same mixes", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+SPLIT_STYLE = {"ood_test": ("-", "tab:orange"), "id_val": ("--", "tab:blue")}
+
+
+def plot_lmc_pairs(lmc: pandas.DataFrame, title: str = "") -> Figure:
+    """Per hypothesis: each pair's gap ``acc(theta(l)) - linear(l)`` (thin), the mean over
+    pairs (thick) +- s.e., on OOD test and ID val; >= -tolerance everywhere is Eq. (1)."""
+    hypotheses = list(dict.fromkeys(lmc.hypothesis)) if not lmc.empty else []
+    fig, axes = _figure(4.5, 3.6, max(1, len(hypotheses)))
+    if not hypotheses:
+        return _empty(fig, axes[0], "no LMC pair evaluated")
+    for ax, hypothesis in zip(axes, hypotheses):
+        rows = lmc[lmc.hypothesis == hypothesis]
+        for split, group in rows.groupby("split", sort=False):
+            style, color = SPLIT_STYLE.get(str(split), ("-", "gray"))
+            gaps = np.array([list(g) for g in group.gaps])
+            lambdas = np.array(group.lambdas.iloc[0])
+            for line in gaps:
+                ax.plot(lambdas, line, style, color=color, alpha=0.25, linewidth=0.8)
+            mean = gaps.mean(axis=0)
+            se = gaps.std(axis=0, ddof=1) / np.sqrt(len(gaps)) if len(gaps) > 1 else 0 * mean
+            held = int(group.lmc_holds.sum())
+            label = f"{split} ({held}/{len(group)} hold)"
+            ax.plot(lambdas, mean, style, color=color, linewidth=2, label=label)
+            ax.fill_between(lambdas, mean - se, mean + se, color=color, alpha=0.15)
+        ax.axhline(-float(rows.tolerance.iloc[0]), color="red", linewidth=0.6, linestyle=":")
+        ax.axhline(0.0, color="gray", linewidth=0.5)
+        ax.set_title(CURVE_TITLES.get(hypothesis, hypothesis), fontsize=9)
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("accuracy - linear interpolation")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def plot_strategies(table: pandas.DataFrame, title: str = "") -> Figure:
@@ -198,6 +284,66 @@ def figures(result: Any) -> dict[str, Figure]:
         "source_diversity": plot_source_diversity(result.source_diversity),
         "ablation_runs": plot_ablation_runs(result.ablation_runs),
         "ablation_sources": plot_ablation_sources(result.ablation_sources),
+        "mixing": plot_mixing(getattr(result, "mixing", pandas.DataFrame())),
+        "lmc_pairs": plot_lmc_pairs(getattr(result, "lmc", pandas.DataFrame())),
+    }
+
+
+def _concat(frames: list[pandas.DataFrame]) -> pandas.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    return pandas.concat(frames, ignore_index=True) if frames else pandas.DataFrame()
+
+
+def plot_strategies_over_cells(results: Mapping[Any, Any], title: str = "") -> Figure:
+    """Mean OOD accuracy per strategy over cells, error bars = standard error over cells."""
+    long = _concat([r.table[["strategy", "ood_acc"]] for r in results.values()])
+    fig, (ax,) = _figure(max(6.0, 0.7 * long.strategy.nunique() if not long.empty else 6), 4.2)
+    if long.empty:
+        return _empty(fig, ax, "no strategy")
+    names = list(dict.fromkeys(long.strategy))
+    stats = [_mean_se(long[long.strategy == name].ood_acc) for name in names]
+    counts = [int((long.strategy == name).sum()) for name in names]
+    xs = np.arange(len(names))
+    means, ses = (np.array(col) for col in zip(*stats))
+    ax.bar(xs, means, yerr=ses, capsize=4, color="tab:orange")
+    ax.set_xticks(xs, [strategy_label(n) for n in names], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(max(0.0, float((means - ses).min()) - 0.1), 1.0)
+    ax.set_ylabel(f"OOD test accuracy, mean +- s.e. over cells (n = {max(counts)})")
+    ax.set_title(title or f"Strategies over {len(results)} cells")
+    return fig
+
+
+def plot_lmc_verdicts(results: Mapping[Any, Any], title: str = "") -> Figure:
+    """Stacked bars per (hypothesis, split): how many curves hold / break over cells and pairs."""
+    lmc = _concat([getattr(r, "lmc", pandas.DataFrame()) for r in results.values()])
+    fig, (ax,) = _figure()
+    if lmc.empty:
+        return _empty(fig, ax, "no LMC pair evaluated")
+    counts = lmc.groupby(["hypothesis", "split"], sort=True).lmc_holds.agg(["sum", "count"])
+    labels = [f"{h.replace('_', ' ')}\n{s.replace('_', ' ')}" for h, s in counts.index]
+    held = counts["sum"].to_numpy(dtype=float)
+    broken = counts["count"].to_numpy(dtype=float) - held
+    xs = np.arange(len(counts))
+    ax.bar(xs, held, color="tab:green", label="LMC holds")
+    ax.bar(xs, broken, bottom=held, color="tab:red", label="LMC breaks")
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("curves (cells x pairs)")
+    ax.set_title(title or f"LMC verdicts over {len(results)} cells")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def cross_cell_figures(results: Mapping[Any, Any]) -> dict[str, Figure]:
+    """The figures across cells, by file stem (prefix ``all_cells_``)."""
+    points = _concat([r.gain_points for r in results.values()])
+    n = len(results)
+    return {
+        "all_cells_strategies": plot_strategies_over_cells(results),
+        "all_cells_diversity_gain": plot_diversity_gain(
+            points, title=f"Diversity vs gain of weight averaging, {n} cells"
+        ),
+        "all_cells_lmc_verdicts": plot_lmc_verdicts(results),
     }
 
 

@@ -66,17 +66,20 @@ class ReduceResult:
     """
 
     table: pandas.DataFrame  # strategy, ood_acc, id_val_acc, n_models, members, arm, selection
-    diversity: pandas.DataFrame  # arm, q_diversity, ratio_error, n_models
-    source_diversity: pandas.DataFrame  # arm, pairs (same/different_source), q_div, ratio, n_pairs
+    diversity: pandas.DataFrame  # arm, q_diversity, ratio_error, n_models, split
+    source_diversity: pandas.DataFrame  # arm, pairs (same/different), q_div, ratio, n_pairs, split
     gain_points: pandas.DataFrame  # arm, run_i, run_j, q_diversity, ratio_error, gain, ...
     curves: dict[str, CurveResult]  # "hypothesis_1", "hypothesis_2", "three_weights"
     ablation_runs: pandas.DataFrame  # arm, n_runs, ood_acc_mean, ood_acc_std, n_draws
-    ablation_sources: pandas.DataFrame  # arm, n_sources, ood_acc_mean, ood_acc_std, n_draws, ...
+    ablation_sources: pandas.DataFrame  # arm, n_sources, ood_acc_mean/std/se, n_draws, n_models
     final_model_state: dict[str, Tensor]
     final_strategy: str
     skipped: dict[str, str] = field(default_factory=dict)  # analysis item -> why it is absent
     test_domain: str = ""
     split_seed: int = 0
+    # analysis frames of reducer.curves.lmc_pairs and reducer.ablations.mixing_ratio
+    lmc: pandas.DataFrame = field(default_factory=pandas.DataFrame)  # per hypothesis/split/pair
+    mixing: pandas.DataFrame = field(default_factory=pandas.DataFrame)  # per mu and draw
 
 
 def _validate(inputs: ReduceInputs) -> None:

@@ -420,6 +420,26 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags_now.items()])
         return run_id, True
 
+    def log_analysis(
+        self,
+        run_id: str,
+        tables: Mapping[str, pd.DataFrame],
+        figures: Mapping[str, Any],
+    ) -> None:
+        """Analysis across cells: each table (an MLflow table ``<name>.json`` and ``<name>.csv``)
+        on the reducer run and the parent, each figure on the parent (``figures/<name>.png``),
+        where a person opening the experiment looks first. Call it when
+        :meth:`log_reduction` wrote something, so an unchanged sweep writes nothing."""
+        for target in dict.fromkeys([run_id, self.parent_id]):
+            if target is None:
+                continue
+            for name, table in tables.items():
+                self._replace_table(self.client.get_run(target), table, f"{name}.json")
+                self.client.log_text(target, table.to_csv(index=False), f"{name}.csv")
+        parent = self.parent_id or run_id
+        for name, figure in figures.items():
+            self.client.log_figure(parent, figure, f"figures/{name}.png")
+
     def _log_inputs(self, run_id: str, inputs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
         """Inputs of a child run, and of the parent (MLflow keeps each dataset once per run),
         which is the one row the runs page shows until it is expanded."""
@@ -579,6 +599,17 @@ def read_config_text(tracker: Tracker) -> str:
     assert tracker.parent_id is not None, "latest_parent() sets the parent run"
     run = tracker.client.get_run(tracker.parent_id)
     return mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+
+
+def read_claims(tracker: Tracker) -> pd.DataFrame | None:
+    """The claims table (``claims.csv``) of the tracker's parent run; None for a sweep reduced
+    before the reducer computed claims."""
+    run = tracker.client.get_run(tracker.parent_id)
+    try:
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/claims.csv")
+    except Exception:  # MLflow raises per store kind (OSError, MlflowException): absent
+        return None
+    return pd.read_csv(io.StringIO(text))
 
 
 def read_comparison(tracker: Tracker) -> pd.DataFrame:
