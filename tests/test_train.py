@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 import pickle
+import sys
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +15,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
+from ratatouille.core.config import ConfigError
+from ratatouille.core.names import PRETRAINED
+from ratatouille.engine import train as train_module
 from ratatouille.engine.models import build_classifier, featurizer_state, head_state
 from ratatouille.engine.train import (
     FineTuneConfig,
@@ -20,6 +26,9 @@ from ratatouille.engine.train import (
     fine_tune,
     predict_logits,
 )
+from ratatouille.recipe import stages
+from ratatouille.recipe.sweep import aux_specs
+from tiny import tiny_config
 
 ARCH = "test_resnet"
 NUM_CLASSES = 4
@@ -239,3 +248,255 @@ def test_bad_config_raises_value_error(overrides: dict, match: str) -> None:
 def test_moving_average_starting_after_the_run_is_refused() -> None:
     with pytest.raises(ValueError, match="ma_start"):
         fine_tune(_model(), TRAIN, ID_VAL, _cfg(steps=3, moving_average=True, ma_start=3))
+
+
+# -- no host sync per step ---------------------------------------------------------------------
+def _nan_at(model, step: int) -> list[int]:
+    """Makes the training forward of step ``step`` (0-based) return NaN; counts training
+    forwards (evaluation runs in eval mode and is not counted)."""
+    forwards = [0]
+
+    def hook(module, _inputs, output):
+        if not module.training:
+            return None
+        forwards[0] += 1
+        return output * float("nan") if forwards[0] == step + 1 else None
+
+    model.register_forward_hook(hook)
+    return forwards
+
+
+@pytest.mark.parametrize(
+    ("nan_step", "steps", "sync_freq", "stopped_after"),
+    [
+        (7, 30, 5, 10),  # read after steps 4, 9: caught at the read after step 9
+        (9, 30, 5, 10),  # the read right after it
+        (27, 30, 50, 30),  # no periodic read before the end: the last checkpoint catches it
+        (3, 30, 1, 4),  # sync_freq 1: the old per-step check
+    ],
+)
+def test_a_nan_loss_stops_the_run_within_sync_freq_naming_its_step(
+    nan_step: int, steps: int, sync_freq: int, stopped_after: int
+) -> None:
+    model = _model()
+    forwards = _nan_at(model, nan_step)
+    reported: list[int] = []
+    cfg = _cfg(steps=steps, checkpoint_freq=100, sync_freq=sync_freq)
+    with pytest.raises(TrainingDiverged) as info:
+        fine_tune(model, TRAIN, ID_VAL, cfg, on_checkpoint=lambda s, m, snap: reported.append(s))
+    assert info.value.step == nan_step and math.isnan(info.value.loss)
+    assert forwards[0] == stopped_after  # stopped at the first read after the NaN
+    assert stopped_after - 1 - nan_step < sync_freq
+    assert reported == [0]  # nothing trained on the NaN was reported
+
+
+def test_nan_inputs_raise_at_the_step_that_first_sees_them() -> None:
+    poisoned = [TensorDataset(torch.full((4, 3, 16, 16), float("nan")), torch.zeros(4).long())]
+    with pytest.raises(TrainingDiverged) as info:
+        fine_tune(_model(), TRAIN + poisoned, ID_VAL, _cfg(steps=10, sync_freq=3))
+    assert info.value.step == 0
+
+
+_SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts tensor-to-host reads made by ratatouille/engine/train.py, by calling function."""
+    calls: Counter = Counter()
+    for name in _SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == train_module.__file__:
+                calls[caller.co_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch) -> None:
+    calls = _count_host_reads(monkeypatch)
+    cfg = _cfg(steps=20, checkpoint_freq=10, sync_freq=4)
+    result = fine_tune(_model(), TRAIN, ID_VAL, cfg)
+    # reads: checkpoints 0, 10, 19, and every 4 steps between them (after steps 3, 7, 11, 15)
+    assert calls["read"] == 7
+    assert not {"train_step", "add", "_to_device", "fine_tune", "check_finite"} & set(calls)
+    assert [h["step"] for h in result.history] == [0, 10, 19]
+
+
+def _plain_adam_loop(model, xs: list, ys: list, cfg: FineTuneConfig) -> dict:
+    """The textbook loop, for reference: same data every step, Adam, cross-entropy."""
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    x, y = torch.cat(xs), torch.cat(ys)
+    for _ in range(cfg.steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fine_tune_trains_the_same_weights_as_a_plain_adam_loop() -> None:
+    # one example per domain and batch_size 1: every batch is the same, whatever the loader does
+    singles = [TensorDataset(*(t[:1] for t in d.tensors)) for d in TRAIN]
+    cfg = _cfg(steps=12, checkpoint_freq=4, sync_freq=5, batch_size=1, seed=3)
+    ours = fine_tune(_model(dropout=0.5), singles, ID_VAL, cfg).final_state
+    xs, ys = zip(*(d.tensors for d in singles))
+    plain = _plain_adam_loop(_model(dropout=0.5), list(xs), list(ys), cfg)
+    assert _equal(ours, plain)  # dropout draws included: evaluation does not consume the RNG
+
+
+def test_logged_loss_is_the_mean_of_the_step_losses_since_the_last_checkpoint() -> None:
+    singles = [TensorDataset(*(t[:1] for t in d.tensors)) for d in TRAIN]
+    labels = torch.cat([d.tensors[1] for d in singles])
+    model, losses = _model(), []
+
+    def record(module, _inputs, logits):
+        if module.training:
+            losses.append(torch.nn.functional.cross_entropy(logits.detach(), labels).item())
+
+    model.register_forward_hook(record)
+    cfg = _cfg(steps=7, checkpoint_freq=3, sync_freq=2, batch_size=1)
+    result = fine_tune(model, singles, ID_VAL, cfg)
+    # checkpoints at steps 0, 3, 6: each logs the mean since the one before
+    expected = [losses[0], sum(losses[1:4]) / 3, sum(losses[4:7]) / 3]
+    assert [h["loss"] for h in result.history] == pytest.approx(expected, rel=1e-6)
+
+
+# -- evaluation vs snapshot frequency -------------------------------------------------------------
+def _reports(cfg: FineTuneConfig, **kwargs) -> tuple[list, dict, object]:
+    rows: list = []
+    snapshots: dict[int, dict] = {}
+
+    def on_checkpoint(step, metrics, snapshot):
+        rows.append((step, dict(metrics)))
+        snapshots[step] = snapshot()
+
+    result = fine_tune(_model(dropout=0.5), TRAIN, ID_VAL, cfg, on_checkpoint=on_checkpoint)
+    return rows, snapshots, result
+
+
+def test_eval_freq_evaluates_at_its_multiples_and_snapshots_stay_at_checkpoint_freq() -> None:
+    cfg = _cfg(steps=13, checkpoint_freq=2, eval_freq=4, moving_average=True, ma_start=1)
+    rows, _, result = _reports(cfg)
+    assert [step for step, _ in rows] == [0, 2, 4, 6, 8, 10, 12]
+    evaluated = [step for step, m in rows if "id_val_acc" in m]
+    assert evaluated == [0, 4, 8, 12] == [h["step"] for h in result.history]
+    by_step = dict(rows)
+    assert by_step[2]["best_step"] == 0  # the last known best, not a new measurement
+    assert by_step[6]["best_id_val_acc"] == max(by_step[s]["id_val_acc"] for s in (0, 4))
+    # evaluating less often changes nothing in the trajectory
+    every = fine_tune(
+        _model(dropout=0.5), TRAIN, ID_VAL, _cfg(**{**_fields(cfg), "eval_freq": None})
+    )
+    assert _equal(every.final_state, result.final_state)
+    assert _equal(every.average_state, result.average_state)
+
+
+def _fields(cfg: FineTuneConfig) -> dict:
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+
+
+def test_eval_at_the_end_only() -> None:
+    rows, _, result = _reports(_cfg(steps=7, checkpoint_freq=2, eval_freq="end"))
+    assert [step for step, _ in rows] == [0, 2, 4, 6]
+    assert [h["step"] for h in result.history] == [6] and result.best_step == 6
+    assert "best_id_val_acc" not in rows[0][1] and "id_val_acc" not in rows[0][1]
+    assert _equal(result.best_state, result.final_state)
+
+
+def test_resume_from_a_snapshot_only_checkpoint_is_bit_identical() -> None:
+    cfg = _cfg(
+        steps=13,
+        checkpoint_freq=2,
+        eval_freq=4,
+        lp_steps=3,
+        moving_average=True,
+        ma_start=1,
+        seed=4,
+    )
+    rows, snapshots, full = _reports(cfg)
+    assert "id_val_acc" not in dict(rows)[6]  # a snapshot-only point
+    resumed = fine_tune(
+        _model(seed=7, dropout=0.5), TRAIN, ID_VAL, cfg, resume=_roundtrip(snapshots[6])
+    )
+    assert _equal(resumed.final_state, full.final_state)
+    assert _equal(resumed.average_state, full.average_state)
+    assert _equal(resumed.best_state, full.best_state)
+    assert resumed.history == full.history and resumed.best_step == full.best_step
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(checkpoint_freq=2, eval_freq=3), "multiple of checkpoint_freq"),
+        (dict(eval_freq=0), "eval_freq must be"),
+        (dict(eval_freq="never"), "eval_freq must be"),
+        (dict(sync_freq=0), "sync_freq must be a positive integer"),
+    ],
+)
+def test_bad_schedules_are_refused(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _cfg(**overrides)
+
+
+# -- the stage's wiring --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cpus", "explicit", "expected"),
+    [(4, None, 3), (1, None, 0), (0.5, None, 0), (2.5, None, 1), (4, 0, 0), (1, 2, 2)],
+)
+def test_num_workers_is_cpus_per_trial_minus_one_unless_set(
+    tmp_path, cpus: float, explicit: int | None, expected: int
+) -> None:
+    config = tiny_config(
+        tmp_path, resources={"cpus_per_trial": cpus}, data={"num_workers": explicit}
+    )
+    ctx = stages.context_for(config)
+    assert ctx.num_workers() == expected
+    assert stages._finetune_config(aux_specs(config)[0], ctx).num_workers == expected
+
+
+def test_aux_eval_freq_must_sit_on_checkpoints(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="aux.eval_freq"):
+        tiny_config(tmp_path, aux={"checkpoint_freq": 6, "eval_freq": 9})
+
+
+class _ListReporter:
+    def __init__(self) -> None:
+        self.rows: list = []
+
+    def report(self, metrics, *, weights=None, train_state=None):
+        self.rows.append((dict(metrics), train_state))
+
+    def restored_state(self):
+        return None
+
+
+@pytest.mark.parametrize(("eval_freq", "evaluated"), [(None, [11]), (6, [0, 6, 11])])
+def test_aux_runs_snapshot_every_checkpoint_and_evaluate_as_configured(
+    tmp_path, eval_freq: int | None, evaluated: list[int]
+) -> None:
+    config = tiny_config(tmp_path, aux={"checkpoint_freq": 3, "eval_freq": eval_freq})
+    phi_pt = build_classifier(ARCH, NUM_CLASSES).featurizer.state_dict()
+    reporter = _ListReporter()
+    stages.run_trial(
+        aux_specs(config)[0], stages.context_for(config, featurizers={PRETRAINED: phi_pt}), reporter
+    )
+    *checkpoints, _final = reporter.rows
+    assert [m["step"] for m, _ in checkpoints] == [0, 3, 6, 9, 11]
+    assert all(state is not None and state["step"] == m["step"] for m, state in checkpoints)
+    assert [m["step"] for m, _ in checkpoints if "id_val_acc" in m] == evaluated
+
+
+def test_weights_come_back_contiguous_from_a_channels_last_model() -> None:
+    # what CUDA runs use; safetensors and the soups need plain contiguous tensors
+    model = _model().to(memory_format=torch.channels_last)
+    assert not model.featurizer.conv1[0].weight.is_contiguous()
+    cfg = _cfg(steps=3, moving_average=True, ma_start=1)
+    result = fine_tune(model, TRAIN, ID_VAL, cfg)
+    for state in (result.final_state, result.best_state, result.average_state):
+        assert all(t.is_contiguous() for t in state.values())

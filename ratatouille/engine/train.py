@@ -7,6 +7,21 @@ strictly better than the best so far (the reference's model selection). After an
 ``(w_lp, phi_i_aux)``, the featurizer is frozen for the first ``lp_steps`` steps (the optimizer
 holds only the head ``w``), then a fresh Adam takes over all parameters.
 
+Evaluation and snapshots are two schedules. Every ``checkpoint_freq`` steps (and at the last
+step) the run reports and can be snapshotted (preemption safety); ID-val is evaluated only at the
+steps ``eval_freq`` asks for (by default at every checkpoint; an auxiliary run, which only keeps
+its last featurizer, may evaluate at its end alone). Evaluation never touches the training RNG
+or the batch streams, so the trained weights do not depend on ``eval_freq``.
+
+No host sync per step: the loss sum and the first non-finite loss are kept on the device and
+read every ``sync_freq`` steps and at every checkpoint. A NaN/inf loss therefore stops the run at
+most ``sync_freq - 1`` steps after it happened, with ``TrainingDiverged`` naming the step where
+it first happened; the steps taken in between (on NaN weights) are never reported or snapshotted.
+
+On CUDA the model and its inputs use ``channels_last`` and, with ``compile=True``, the training
+forward runs through ``torch.compile`` (compiling costs about a minute per process on a
+ResNet-50 and pays off only over thousands of steps; off by default). Both are no-ops on CPU.
+
 Resumability: each training domain's batches come from an ``InfiniteLoader`` re-seeded at the
 first step after every checkpoint (seed ``loader_seed(seed, domain, step)``). A snapshot taken
 at a checkpoint therefore needs no loader position, and a resumed run draws exactly the batches
@@ -22,7 +37,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -57,6 +72,13 @@ class FineTuneConfig:
     ``moving_average`` (robust inter-training, App. E) keeps the uniform average of the weights
     after every step ``>= ma_start`` (default 100, the start of Arpit et al.'s moving average);
     steps are counted from 0.
+
+    Schedules (see the module doc): ``checkpoint_freq`` = report and snapshot points;
+    ``eval_freq`` = ID-val evaluations: ``None`` at every checkpoint, an int (a multiple of
+    ``checkpoint_freq``, so every evaluation is also a snapshot point) every that many steps,
+    ``"end"`` at the last step only; the last step is always evaluated. ``sync_freq``: the host
+    reads the device-side loss monitor every that many steps (divergence is caught within it).
+    ``compile``: ``torch.compile`` the training forward on CUDA.
     """
 
     steps: int
@@ -71,6 +93,9 @@ class FineTuneConfig:
     device: str = "cpu"
     eval_batch_size: int = 64
     num_workers: int = 0
+    eval_freq: int | Literal["end"] | None = None
+    sync_freq: int = 50
+    compile: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -78,6 +103,7 @@ class FineTuneConfig:
             "checkpoint_freq": self.checkpoint_freq,
             "batch_size": self.batch_size,
             "eval_batch_size": self.eval_batch_size,
+            "sync_freq": self.sync_freq,
         }
         for name, value in positive.items():
             if int(value) != value or value < 1:
@@ -88,6 +114,28 @@ class FineTuneConfig:
             )
         if self.lp_steps < 0 or self.ma_start < 0 or self.num_workers < 0:
             raise ValueError("lp_steps, ma_start and num_workers must be >= 0")
+        self._check_eval_freq()
+
+    def _check_eval_freq(self) -> None:
+        freq = self.eval_freq
+        if freq is None or freq == "end":
+            return
+        if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+            raise ValueError(f"eval_freq must be None, 'end' or a positive integer, got {freq!r}")
+        if freq % self.checkpoint_freq:
+            raise ValueError(
+                f"eval_freq ({freq}) must be a multiple of checkpoint_freq "
+                f"({self.checkpoint_freq}): every evaluation is also a snapshot point"
+            )
+
+    def is_snapshot_step(self, step: int) -> bool:
+        return step % self.checkpoint_freq == 0 or step == self.steps - 1
+
+    def is_eval_step(self, step: int) -> bool:
+        if step == self.steps - 1:
+            return True
+        freq = self.checkpoint_freq if self.eval_freq is None else self.eval_freq
+        return freq != "end" and step % freq == 0
 
 
 @dataclass
@@ -97,7 +145,8 @@ class FineTuneResult:
     best_step: int
     final_state: dict[str, Tensor]  # last weights (the pool recycles the LAST aux featurizer)
     average_state: dict[str, Tensor] | None  # moving average (robust inter-training), if enabled
-    history: list[dict] = field(default_factory=list)  # per checkpoint: step, loss, id_val_acc
+    # per evaluation: step, loss (mean since the previous checkpoint), id_val_acc
+    history: list[dict] = field(default_factory=list)
 
 
 class TrainingDiverged(RuntimeError):
@@ -177,7 +226,36 @@ def evaluate_accuracy(
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    # contiguous: a channels_last model's weights must not leak their strides into files
+    return {
+        k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        for k, v in model.state_dict().items()
+    }
+
+
+class _LossMonitor:
+    """The loss sum since the last checkpoint and the first non-finite loss, kept on the device,
+    so that a training step never waits for the GPU; ``read`` is the one host sync."""
+
+    def __init__(self, device: torch.device, loss_sum: float = 0.0, count: int = 0) -> None:
+        # torch.full fills on the device (torch.tensor would copy from the host and wait)
+        self.sum = torch.full((), loss_sum, dtype=torch.float64, device=device)
+        self.count = count  # host-side: counting needs no sync
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.full((), 0.0, dtype=torch.float64, device=device)
+
+    def add(self, loss: Tensor, step: int) -> None:
+        value = loss.detach().double()  # float64, as the Python float the loss was summed in
+        first = (self.bad_step < 0) & ~torch.isfinite(value)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, value, self.bad_loss)
+        self.sum += value
+        self.count += 1
+
+    def read(self) -> tuple[float, int, float]:
+        """``(loss sum, first non-finite step or -1, its loss)`` in one device-to-host copy."""
+        stats = torch.stack([self.sum, self.bad_step.double(), self.bad_loss]).tolist()
+        return stats[0], int(stats[1]), stats[2]
 
 
 class _MovingAverage:
@@ -205,7 +283,10 @@ class _MovingAverage:
 
     def result(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         assert self.state is not None
-        return {k: v.to("cpu", dtype=like[k].dtype, copy=True) for k, v in self.state.items()}
+        return {
+            k: v.to("cpu", dtype=like[k].dtype, memory_format=torch.contiguous_format, copy=True)
+            for k, v in self.state.items()
+        }
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -280,7 +361,8 @@ class _FineTuning:
         self.best_state: dict[str, Tensor] | None = None
         self.best_acc, self.best_step = -math.inf, -1
         self.history: list[dict] = []
-        self.loss_sum, self.loss_count = 0.0, 0
+        self.losses = _LossMonitor(self.device)
+        self.forward: Callable[[Tensor], Tensor] = _training_forward(model, cfg, self.device)
         self.ma = _MovingAverage() if cfg.moving_average else None
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_phase: str | None = None
@@ -326,44 +408,53 @@ class _FineTuning:
             self.enter_phase(self.phase(step))
         xs, ys = zip(*(next(batches) for batches in self.batches))  # already on the device
         x, y = torch.cat(xs), torch.cat(ys)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.device):
-            loss = F.cross_entropy(self.model(x), y)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingDiverged(step, value, self.cfg.lr)
+            loss = F.cross_entropy(self.forward(x), y)
         assert self.optimizer is not None, "enter_phase() opens the optimizer before any step"
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if self.ma is not None and step >= self.cfg.ma_start:
             self.ma.update(self.model)
-        self.loss_sum += value
-        self.loss_count += 1
+        self.losses.add(loss, step)
         self.step = step
 
-    def checkpoint(self, on_checkpoint: Callable | None) -> None:
+    def check_finite(self) -> float:
+        """The loss sum since the last checkpoint; raises ``TrainingDiverged`` (naming the step
+        of the first NaN/inf) before anything trained on it is evaluated or snapshotted."""
+        loss_sum, bad_step, bad_loss = self.losses.read()
+        if bad_step >= 0:
+            raise TrainingDiverged(bad_step, bad_loss, self.cfg.lr)
+        return loss_sum
+
+    def checkpoint(self, on_checkpoint: Callable | None, evaluate: bool) -> None:
+        """A report and snapshot point; ID-val is measured only when ``evaluate``."""
+        loss = self.check_finite() / max(self.losses.count, 1)
+        self.losses = _LossMonitor(self.device)
+        record = {MetricKey.STEP: self.step, MetricKey.LOSS: loss}
+        if evaluate:
+            record[MetricKey.ID_VAL_ACC] = self.evaluate()
+            self.history.append(record)
+        self.batches = None
+        if on_checkpoint is None:
+            return
+        metrics = dict(record)
+        if self.best_step >= 0:  # nothing to report before the first evaluation
+            metrics[MetricKey.BEST_ID_VAL_ACC] = self.best_acc
+            metrics[MetricKey.BEST_STEP] = self.best_step
+        on_checkpoint(self.step, metrics, self.snapshot)
+
+    def evaluate(self) -> float:
         cfg = self.cfg
         acc = evaluate_accuracy(
             self.model, self.id_val, cfg.eval_batch_size, self.device, cfg.num_workers
         )
-        record = {
-            MetricKey.STEP: self.step,
-            MetricKey.LOSS: self.loss_sum / max(self.loss_count, 1),
-            MetricKey.ID_VAL_ACC: acc,
-        }
-        self.history.append(record)
-        self.loss_sum, self.loss_count = 0.0, 0
         if acc > self.best_acc:  # strict: ties keep the earlier weights, as the reference
             self.best_acc, self.best_step = acc, self.step
             self.best_state = _cpu_state(self.model)
-        self.batches = None
-        if on_checkpoint is not None:
-            metrics = {
-                **record,
-                MetricKey.BEST_ID_VAL_ACC: self.best_acc,
-                MetricKey.BEST_STEP: self.best_step,
-            }
-            on_checkpoint(self.step, metrics, self.snapshot)
+        return acc
 
     def snapshot(self) -> dict:
         """Everything needed to continue bit-identically (loader seeds derive from the step)."""
@@ -378,8 +469,9 @@ class _FineTuning:
             "best_id_val_acc": self.best_acc,
             "best_step": self.best_step,
             "history": copy.deepcopy(self.history),
-            "loss_sum": self.loss_sum,
-            "loss_count": self.loss_count,
+            # taken right after a checkpoint: the monitor was just read and reset
+            "loss_sum": 0.0,
+            "loss_count": 0,
             "ma_state": None if self.ma is None else _to_cpu(self.ma.state),
             "ma_count": 0 if self.ma is None else self.ma.count,
             "rng": _rng_state(self.device),
@@ -395,7 +487,7 @@ class _FineTuning:
         self.best_state = snap["best_state"]
         self.best_acc, self.best_step = snap["best_id_val_acc"], snap["best_step"]
         self.history = copy.deepcopy(list(snap["history"]))
-        self.loss_sum, self.loss_count = snap["loss_sum"], snap["loss_count"]
+        self.losses = _LossMonitor(self.device, float(snap["loss_sum"]), int(snap["loss_count"]))
         if self.ma is not None:
             state = snap["ma_state"]
             self.ma = _MovingAverage(
@@ -419,6 +511,18 @@ class _FineTuning:
             average_state=average,
             history=self.history,
         )
+
+
+def _training_forward(
+    model: nn.Module, cfg: FineTuneConfig, device: torch.device
+) -> Callable[[Tensor], Tensor]:
+    """The model's forward for training steps: channels_last (and compiled when asked) on CUDA.
+    Evaluation keeps the plain module: compiling its eval-mode graph would cost a second
+    compilation for a few passes over ID-val."""
+    if device.type != "cuda":
+        return model
+    model.to(memory_format=torch.channels_last)
+    return cast(Callable[[Tensor], Tensor], torch.compile(model)) if cfg.compile else model
 
 
 def _check_inputs(
@@ -446,11 +550,14 @@ def fine_tune(
 ) -> FineTuneResult:
     """Fine-tune ``model`` in place (Adam, per-domain batches, ID-val selection; see module doc).
 
-    ``on_checkpoint(step, metrics, snapshot)`` runs at every checkpoint; ``snapshot()`` returns a
-    dict that ``fine_tune(..., resume=that_dict)`` continues from, ending with the same weights
-    as an uninterrupted run (bit-identical on CPU). The model passed with ``resume`` must have the
-    same architecture; its weights are replaced by the snapshot's.
-    Raises ``TrainingDiverged`` on a NaN/inf loss.
+    ``on_checkpoint(step, metrics, snapshot)`` runs at every checkpoint (``checkpoint_freq``);
+    ``metrics`` holds the step and the mean loss since the previous checkpoint, ``id_val_acc``
+    when this checkpoint evaluated, and the best ID-val accuracy and its step once one has been
+    measured. ``snapshot()`` returns a dict that ``fine_tune(..., resume=that_dict)`` continues
+    from, ending with the same weights as an uninterrupted run (bit-identical on CPU). The model
+    passed with ``resume`` must have the same architecture; its weights are replaced by the
+    snapshot's.
+    Raises ``TrainingDiverged`` on a NaN/inf loss, within ``cfg.sync_freq`` steps of it.
     """
     _check_inputs(model, train, id_val, cfg)
     model.to(cfg.device)
@@ -463,8 +570,10 @@ def fine_tune(
     try:
         for step in range(run.step + 1, cfg.steps):
             run.train_step(step)
-            if step % cfg.checkpoint_freq == 0 or step == cfg.steps - 1:
-                run.checkpoint(on_checkpoint)
+            if cfg.is_snapshot_step(step):
+                run.checkpoint(on_checkpoint, evaluate=cfg.is_eval_step(step))
+            elif (step + 1) % cfg.sync_freq == 0:
+                run.check_finite()
     finally:
         run.restore_trainable()
         run.batches = None

@@ -121,6 +121,7 @@ class AuxSpec(TrialSpec):
     checkpoint_freq: int
     robust: bool  # also keep the moving average (App. E)
     head: str | None  # the AuxProbeSpec name whose head it starts from; None: a random head
+    eval_freq: int | None = None  # ID-val every this many steps; None = at the end only
 
     def _name_parts(self) -> tuple[Any, ...]:
         return (self.stage, self.task, self.run)

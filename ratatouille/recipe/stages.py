@@ -68,9 +68,18 @@ class TrialContext:
     gpus_per_trial: float = 0.0
     ma_arms: tuple[str, ...] = ()  # target arms whose runs keep a moving average (MA baseline)
     ma_start: int = 100
+    cpus_per_trial: float = 1.0
+    compile: bool = False
 
     def device(self) -> str:
         return "cuda" if self.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+
+    def num_workers(self) -> int:
+        """``data.num_workers``, or when unset one loader worker per CPU of the trial but one:
+        that CPU runs the training loop (Python, kernel launches, the optimizer on CPU)."""
+        if self.data.num_workers is not None:
+            return self.data.num_workers
+        return max(0, int(self.cpus_per_trial) - 1)
 
     def dataset(self, name: str, *, augment: bool | None = None) -> MultiDomainDataset:
         return get_dataset(
@@ -94,6 +103,8 @@ def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
         gpus_per_trial=config.resources.gpus_per_trial,
         ma_arms=("soups",) if config.target.moving_average else (),
         ma_start=config.target.ma_start,
+        cpus_per_trial=config.resources.cpus_per_trial,
+        compile=config.model.compile,
         **weights,
     )
 
@@ -110,7 +121,8 @@ def _finetune_config(
         batch_size=hp.batch_size,
         seed=spec.seed,
         device=ctx.device(),
-        num_workers=ctx.data.num_workers,
+        num_workers=ctx.num_workers(),
+        compile=ctx.compile,
         **extra,
     )
 
@@ -199,7 +211,12 @@ def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
         model.head.load_state_dict(ctx.heads[spec.head])
     # The moving average starts after 100 steps (Arpit et al.), earlier in very short runs.
     cfg = _finetune_config(
-        spec, ctx, moving_average=spec.robust, ma_start=min(100, spec.steps // 2)
+        spec,
+        ctx,
+        moving_average=spec.robust,
+        ma_start=min(100, spec.steps // 2),
+        # only the last featurizer is kept: ID-val as rarely as asked, snapshots as before
+        eval_freq="end" if spec.eval_freq is None else spec.eval_freq,
     )
     result = _train_with_reports(model, splits, reporter, cfg, keep_best=False)
     weights = {WeightsFile.FEATURIZER: featurizer_state(result.final_state)}

@@ -246,6 +246,7 @@ def aux_specs(config: ExperimentConfig) -> list[AuxSpec]:
             checkpoint_freq=config.aux.checkpoint_freq,
             robust=config.aux.robust,
             head=aux_probe_name(config, task),
+            eval_freq=config.aux.eval_freq,
             seed=seed_hash(config.seed, "aux", task, run),
         )
         for task in config.aux.tasks
