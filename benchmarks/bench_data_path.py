@@ -35,6 +35,8 @@ from PIL import Image
 
 from ratatouille.data import PACS, InfiniteLoader, train_batches
 
+FIGURES = {"P9": "cpu"}  # benchmarks/run.py: the figures this script prints
+
 
 def write_jpegs(root: Path, count: int, source_size: int, seed: int = 0) -> Path:
     """``count`` textured JPEGs (quality 90) in a PACS-layout folder, spread over its domains."""
@@ -100,7 +102,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="PIL batches timed (decoded: 4x)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = per core)")
     parser.add_argument("--device", default="cpu", help="where the decoded path augments")
+    parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
+    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
+    if args.cuda_only:
+        return
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpegs(Path(tmp) / "data", args.images, args.source_size)

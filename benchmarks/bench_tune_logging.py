@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+FIGURES = {"P12": "cpu"}  # benchmarks/run.py: the figures this script prints
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 
 
@@ -174,7 +175,11 @@ def main() -> None:
     parser.add_argument(
         "--flat-out-reports", type=int, default=4, help="per trial per block, back to back"
     )
+    parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
+    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
+    if args.cuda_only:
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the pipeline's output engine
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
