@@ -18,8 +18,9 @@ from ratatouille.core.config import ConfigError
 from ratatouille.core.names import PRETRAINED
 from ratatouille.core.seeding import seed_hash
 from ratatouille.data import InfiniteLoader, eval_loader, get_dataset, target_splits, train_batches
-from ratatouille.data.loaders import _EndlessBatches
+from ratatouille.data.loaders import _EndlessBatches, sampling_of
 from ratatouille.data.splits import TrainSplit
+from ratatouille.engine import train as train_module
 from ratatouille.engine.models import build_classifier, featurizer_state, freeze_bn, head_state
 from ratatouille.engine.probe import eval_train_views, linear_probe
 from ratatouille.engine.train import evaluate_accuracy, loader_seed
@@ -33,6 +34,7 @@ from ratatouille.recipe.sweep import (
     aux_recipe,
     pretrained_identity,
     probe_specs,
+    target_specs,
 )
 from ratatouille.reducer import strategies
 from ratatouille.reducer.inputs import ReduceSettings
@@ -326,21 +328,32 @@ def test_id_val_train_transform_without_augmentation_is_the_eval_transform():
 
 
 def test_stages_build_their_splits_with_the_configured_options(tmp_path, monkeypatch, phi_pt):
-    config = tiny_config(
-        tmp_path, data={"id_val_transform": "train", "sampling": "with_replacement"}
-    )
-    seen = []
-    real = stages.target_splits
+    """A probe and a target run of a config with both switches on: the stage builds its splits
+    with them, and fine_tune (through train_batches) draws the batches as the split asks."""
+    data = {"id_val_transform": "train", "sampling": "with_replacement"}
+    config = tiny_config(tmp_path, data=data, target={"steps": 2, "checkpoint_freq": 1})
+    seen, drawn = [], []
+    real_splits, real_batches = stages.target_splits, train_module.train_batches
 
-    def spy(*args, **kwargs):
+    def spy_splits(*args, **kwargs):
         seen.append(kwargs)
-        return real(*args, **kwargs)
+        return real_splits(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "target_splits", spy)
+    def spy_batches(dataset, *args, **kwargs):
+        drawn.append(sampling_of(dataset))
+        return real_batches(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "target_splits", spy_splits)
+    monkeypatch.setattr(train_module, "train_batches", spy_batches)
     cell = experiment_cells(config)[0]
     ctx = context_for(config, featurizers={PRETRAINED: phi_pt})
-    run_trial(probe_specs(config, [cell])[0], ctx, ListReporter())
-    assert seen == [{"sampling": "with_replacement", "id_val_transform": "train"}]
+    probe = ListReporter()
+    run_trial(probe_specs(config, [cell])[0], ctx, probe)
+    ctx.heads[cell.key] = probe.rows[-1][1]["head"]
+    spec = next(s for s in target_specs(config, [cell]) if s.init_source == PRETRAINED)
+    run_trial(spec, ctx, ListReporter())
+    assert seen == [data, data]  # the probe's splits, then the target run's
+    assert drawn and set(drawn) == {"with_replacement"}
     task = config.aux.tasks[0]
     # ID val shapes no pooled weights: pool entries keep their last featurizer
     eval_config = tiny_config(tmp_path, data={"sampling": "with_replacement"})
