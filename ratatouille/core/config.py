@@ -49,6 +49,18 @@ class DataConfig(_Section):
         description="absolute folder of the decoded stores (local disk of each node); "
         "None = $RATATOUILLE_CACHE_DIR or ~/.cache/ratatouille/decoded",
     )
+    sampling: Literal["epochs", "with_replacement"] = Field(
+        "epochs",
+        description="epochs: each training domain's batches cut from concatenated seeded "
+        "permutations (every image once per epoch); with_replacement: every index drawn "
+        "uniformly, as DomainBed's InfiniteDataLoader. Both a pure function of the seed",
+    )
+    id_val_transform: Literal["eval", "train"] = Field(
+        "eval",
+        description="transform of the training domains' ID-val split during training: eval "
+        "(deterministic); train: the training augmentation when data.augment is on, as "
+        "DomainBed, drawn once per image from the split seed so every checkpoint sees the same",
+    )
 
     @field_validator("cache_dir")
     @classmethod
@@ -75,6 +87,11 @@ class ModelConfig(_Section):
         False,
         description="torch.compile the training forward on CUDA: about a minute of compilation "
         "per trial for a faster step; worth it for runs of thousands of steps (no-op on CPU)",
+    )
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="on CUDA, bf16 autocast of forward passes (weights and optimizer stay fp32); "
+        "fp32: full precision, as the reference. The CPU always runs fp32",
     )
 
     @model_validator(mode="after")
@@ -168,6 +185,15 @@ class ProbeConfig(_Section):
     lr: float = Field(5e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: int = Field(32, gt=0)
+    select: Literal["last", "best_id_val"] = Field(
+        "last",
+        description="which head a linear probe keeps (target w_lp and auxiliary heads): last: "
+        "its last step; best_id_val: the best mean ID-val accuracy over checkpoints every "
+        "checkpoint_freq steps, strict > (the reference)",
+    )
+    checkpoint_freq: int = Field(
+        100, gt=0, description="steps between the ID-val checks of select: best_id_val"
+    )
 
 
 class TargetConfig(_Section):
@@ -218,6 +244,12 @@ class ReduceConfig(_Section):
         True,
         description="with several split seeds, also the uniform† rows: every run of every "
         "split of a test domain averaged (paper Tables 1-2)",
+    )
+    greedy_threshold: Literal["logged", "measured"] = Field(
+        "logged",
+        description="the greedy soup's first threshold: logged: the best run's logged ID-val "
+        "score (no evaluation); measured: that run re-evaluated on ID val by the reducer, as "
+        "the reference (one more evaluation)",
     )
     final_model: str = Field(
         "ratatouille_uniform",

@@ -14,6 +14,7 @@ CPU; on GPU see ``torch.use_deterministic_algorithms``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -23,6 +24,22 @@ from ratatouille.core.seeding import seed_hash
 from ratatouille.data.base import DataError
 
 _SEED_HIGH = 2**62
+
+#: How a training domain's indices are drawn: ``epochs`` concatenates seeded permutations (each
+#: item once per epoch); ``with_replacement`` draws every index uniformly (DomainBed's
+#: InfiniteDataLoader, a RandomSampler with replacement).
+Sampling = Literal["epochs", "with_replacement"]
+SAMPLINGS: tuple[str, ...] = get_args(Sampling)
+
+
+def check_sampling(sampling: str) -> None:
+    if sampling not in SAMPLINGS:
+        raise DataError(f"sampling must be one of {list(SAMPLINGS)}, got {sampling!r}")
+
+
+def sampling_of(dataset: Dataset) -> Sampling:
+    """The sampling a training split asks for (``TrainSplit``); plain datasets: ``epochs``."""
+    return getattr(dataset, "sampling", "epochs")
 
 
 class _SeededItems(Dataset):
@@ -47,16 +64,21 @@ class _EndlessBatches(Sampler[list[tuple[int, int]]]):
     """Batches of ``(index, item_seed)`` cut from successive seeded permutations.
 
     Epochs are concatenated, so every batch is full and no item is ever dropped, even when
-    the domain is smaller than a batch (a batch then spans an epoch boundary).
+    the domain is smaller than a batch (a batch then spans an epoch boundary). With
+    ``sampling="with_replacement"`` each batch's indices are drawn uniformly instead.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, sampling: Sampling = "epochs") -> None:
+        check_sampling(sampling)
         self.n = n
         self.batch_size = batch_size
         self.seed = seed
+        self.sampling = sampling
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         gen = torch.Generator().manual_seed(seed_hash("InfiniteLoader", self.seed))
+        if self.sampling == "with_replacement":
+            yield from self._with_replacement(gen)
         pending: list[tuple[int, int]] = []
         while True:
             order = torch.randperm(self.n, generator=gen).tolist()
@@ -66,6 +88,12 @@ class _EndlessBatches(Sampler[list[tuple[int, int]]]):
                 yield pending[: self.batch_size]
                 pending = pending[self.batch_size :]
 
+    def _with_replacement(self, gen: torch.Generator) -> Iterator[list[tuple[int, int]]]:
+        while True:
+            picks = torch.randint(0, self.n, (self.batch_size,), generator=gen).tolist()
+            seeds = torch.randint(0, _SEED_HIGH, (self.batch_size,), generator=gen).tolist()
+            yield list(zip(picks, seeds))
+
     def __len__(self) -> int:  # DataLoader asks; the stream is endless
         return 2**62
 
@@ -74,7 +102,8 @@ class InfiniteLoader:
     """Endless batches ``(images, labels)`` of one domain's training split, reshuffled each epoch.
 
     Every ``iter()`` restarts the same stream from its first batch. Batches are always full:
-    epochs are concatenated rather than truncated (DomainBed samples with replacement instead).
+    epochs are concatenated rather than truncated. ``sampling`` (default: the dataset's own,
+    see :func:`sampling_of`) ``"with_replacement"`` draws indices as DomainBed does.
     """
 
     def __init__(
@@ -84,8 +113,11 @@ class InfiniteLoader:
         seed: int,
         num_workers: int = 0,
         pin_memory: bool = False,
+        sampling: Sampling | None = None,
     ) -> None:
         self.check(len(dataset), batch_size, num_workers)  # type: ignore[arg-type]
+        self.sampling: Sampling = sampling_of(dataset) if sampling is None else sampling
+        check_sampling(self.sampling)
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -102,7 +134,8 @@ class InfiniteLoader:
             raise DataError(f"num_workers must be >= 0, got {num_workers!r}")
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = _EndlessBatches(len(self.dataset), self.batch_size, self.seed)  # type: ignore[arg-type]
+        n = len(self.dataset)  # type: ignore[arg-type]
+        batches = _EndlessBatches(n, self.batch_size, self.seed, self.sampling)
         loader = DataLoader(
             _SeededItems(self.dataset),
             batch_sampler=batches,

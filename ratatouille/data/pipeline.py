@@ -34,7 +34,13 @@ from ratatouille.data.augment import (
     stack_params,
 )
 from ratatouille.data.base import DataError, FileDomain
-from ratatouille.data.loaders import InfiniteLoader, _EndlessBatches, check_batch_size, eval_loader
+from ratatouille.data.loaders import (
+    InfiniteLoader,
+    _EndlessBatches,
+    check_batch_size,
+    eval_loader,
+    sampling_of,
+)
 from ratatouille.data.store import DecodedStore
 
 
@@ -125,8 +131,10 @@ def train_batches(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless training batches of one domain (see the module docstring), re-started per call."""
+    """Endless training batches of one domain (see the module docstring), re-started per call,
+    drawn as the split asks (``sampling_of``: epochs or with replacement)."""
     device = torch.device(device)
+    sampling = sampling_of(dataset)
     view = stored_view(dataset)
     pin = device.type == "cuda"
     if view is None:
@@ -138,7 +146,7 @@ def train_batches(
     InfiniteLoader.check(len(rows), batch_size, num_workers)
     batches = DataLoader(
         _Gather(domain, rows),
-        batch_sampler=_EndlessBatches(len(rows), batch_size, seed),
+        batch_sampler=_EndlessBatches(len(rows), batch_size, seed, sampling),
         num_workers=num_workers,
         collate_fn=_Collate(domain, domain.train),
         pin_memory=pin,

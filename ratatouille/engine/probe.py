@@ -9,7 +9,13 @@ domain ``i``'s indices come from ``InfiniteLoader(domain_i, batch_size, loader_s
 (the stream ``fine_tune`` opens at step 0), so both routes see the same examples in the same order.
 
 Callers pass the ID-train splits with the *evaluation* transform: ``eval_train_views`` rebuilds
-them from a ``TaskSplits`` whose ``train`` lists use the training transform.
+them from a ``TaskSplits`` whose ``train`` lists use the training transform. Each domain's
+indices are drawn as its split asks (``sampling_of``: epochs, or with replacement as DomainBed).
+
+Which head is kept (``select``): ``last``, the head after the last step; ``best_id_val``, as the
+reference's probe run: the head is scored on the cached ID-val features after step ``s`` when
+``s % checkpoint_freq == 0`` or ``s`` is the last (``fine_tune``'s schedule), and kept when its
+score is strictly above the best so far. Both cost one feature extraction of ID val.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +31,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from ratatouille.data import InfiniteLoader, MultiDomainDataset, TaskSplits, eval_batches
+from ratatouille.data.loaders import sampling_of
+from ratatouille.data.splits import TrainSplit
 from ratatouille.engine.models import feature_dim
 from ratatouille.engine.train import TrainingDiverged, autocast_for, loader_seed
 
@@ -32,6 +41,10 @@ from ratatouille.engine.train import TrainingDiverged, autocast_for, loader_seed
 class LinearProbeResult:
     head_state: dict[str, Tensor]  # ``w_lp``: {"weight": C x D, "bias": C}, on the CPU
     id_val_acc: float  # of (w_lp, phi_pt), mean over the training domains' ID-val splits
+    step: int  # the step after which the kept head was taken (the last one with select=last)
+
+
+ProbeSelect = Literal["last", "best_id_val"]
 
 
 class _Indices(Dataset):
@@ -57,7 +70,8 @@ def eval_train_views(dataset: MultiDomainDataset, splits: TaskSplits) -> list[Da
                 "a domain: build the splits with ratatouille.data.target_splits/auxiliary_splits"
             )
         env = dataset.domains.index(name)
-        views.append(Subset(dataset.domain(env, train=False), list(train.indices)))
+        evaluated = dataset.domain(env, train=False)
+        views.append(TrainSplit(evaluated, list(train.indices), sampling_of(train)))
     return views
 
 
@@ -112,16 +126,22 @@ def linear_probe(
     eval_batch_size: int = 64,
     num_workers: int = 0,
     head_init: dict[str, Tensor] | None = None,
+    select: ProbeSelect = "last",
+    checkpoint_freq: int = 100,
 ) -> LinearProbeResult:
     """Fit ``w_lp`` on features of ``phi_pt`` cached once (see the module docstring).
 
     ``train``: ID-train split of each training domain, with the EVALUATION transform
     (``eval_train_views``). ``head_init`` (``weight``/``bias``) replaces the seeded random init.
+    ``select`` and ``checkpoint_freq``: which head is kept (module docstring).
     """
-    if steps < 1 or batch_size < 1 or not lr > 0:
+    if steps < 1 or batch_size < 1 or not lr > 0 or checkpoint_freq < 1:
         raise ValueError(
-            f"need steps >= 1, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}"
+            "need steps >= 1, batch_size >= 1, lr > 0, checkpoint_freq >= 1; got "
+            f"{steps}, {batch_size}, {lr}, {checkpoint_freq}"
         )
+    if select not in ("last", "best_id_val"):
+        raise ValueError(f"select must be 'last' or 'best_id_val', got {select!r}")
     if len(train) == 0 or len(id_val) == 0:
         raise ValueError("linear_probe needs at least one training domain and its ID-val split")
     dev = torch.device(device)
@@ -132,10 +152,16 @@ def linear_probe(
     if head_init is not None:
         head.load_state_dict(head_init)
     streams = [
-        iter(InfiniteLoader(_Indices(len(f)), batch_size, loader_seed(seed, i, 0)))
-        for i, (f, _) in enumerate(cached)
+        iter(
+            InfiniteLoader(
+                _Indices(len(f)), batch_size, loader_seed(seed, i, 0), sampling=sampling_of(d)
+            )
+        )
+        for i, ((f, _), d) in enumerate(zip(cached, train))
     ]
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    val_feats, val_labels = [f for f, _ in held], [y for _, y in held]
+    best: tuple[float, int, dict[str, Tensor]] | None = None
     for step in range(steps):
         picks = [next(stream)[0].to(dev) for stream in streams]
         x = torch.cat([f[idx] for (f, _), idx in zip(cached, picks)])
@@ -146,6 +172,15 @@ def linear_probe(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    acc = _accuracy(head, [f for f, _ in held], [y for _, y in held])
-    state = {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
-    return LinearProbeResult(head_state=state, id_val_acc=acc)
+        if select == "best_id_val" and (step % checkpoint_freq == 0 or step == steps - 1):
+            acc = _accuracy(head, val_feats, val_labels)
+            if best is None or acc > best[0]:  # strict: ties keep the earlier head
+                best = (acc, step, _cpu_head(head))
+    if best is None:  # select == "last"
+        best = (_accuracy(head, val_feats, val_labels), steps - 1, _cpu_head(head))
+    acc, best_step, state = best
+    return LinearProbeResult(head_state=state, id_val_acc=acc, step=best_step)
+
+
+def _cpu_head(head: nn.Linear) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -176,8 +177,8 @@ class GreedySoup:
 
     ``selected``: indices into the original ``loaders`` list, in the order they were added
     (best ID-val score first). ``score``: ID-val score of the returned soup (for a single
-    model, its stored ``val_scores`` entry). ``state_dict``: the uniform average of the
-    selected models.
+    model, its stored ``val_scores`` entry, or its measured score with
+    ``threshold="measured"``). ``state_dict``: the uniform average of the selected models.
     """
 
     selected: tuple[int, ...]
@@ -204,19 +205,23 @@ def greedy_soup(
     loaders: Sequence[Callable[[], StateDict]],
     val_scores: Sequence[float],
     evaluate: Callable[[StateDict], float],
+    *,
+    threshold: Literal["logged", "measured"] = "logged",
 ) -> GreedySoup:
     """Greedy soup (paper Sec. 3, step 5, "greedy"; Wortsman et al. 2022a).
 
     Sort the M models by ``val_scores`` descending (stable: equal scores keep their list
     order); start the soup with the best, whose stored score is the current best (it is not
-    re-evaluated); then for each next candidate, score the uniform average of the soup WITH
-    it by ``evaluate`` and keep the candidate iff that score is ``>=`` the current best
-    (ties accepted, as in the reference code; the paper's "lowers" means "does not lower").
+    re-evaluated; with ``threshold="measured"`` it is, by ``evaluate``, as the reference
+    does, and that score is the first threshold); then for each next candidate, score the
+    uniform average of the soup WITH it by ``evaluate`` and keep the candidate iff that score
+    is ``>=`` the current best (ties accepted, as in the reference code; the paper's "lowers"
+    means "does not lower").
     ``val_scores`` and ``evaluate`` must therefore be on the same scale (ID-val accuracy).
 
-    Streaming: each loader is called exactly once and ``evaluate`` exactly M-1 times; at
-    most three state dicts are alive at once (the running sum, the candidate, the trial
-    soup). Non-floating tensors come from the best model.
+    Streaming: each loader is called exactly once and ``evaluate`` exactly M-1 times (M with
+    ``measured``); at most three state dicts are alive at once (the running sum, the
+    candidate, the trial soup). Non-floating tensors come from the best model.
     """
     if len(loaders) != len(val_scores):
         raise ValueError(
@@ -228,9 +233,13 @@ def greedy_soup(
     if any(math.isnan(s) for s in scores):
         raise ValueError(f"val_scores contain nan: {scores}")
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if threshold not in ("logged", "measured"):
+        raise ValueError(f"threshold must be 'logged' or 'measured', got {threshold!r}")
     acc = _Accumulator()
     acc.add(loaders[order[0]](), 1.0, where=f"loader {order[0]}")
     selected, best = [order[0]], scores[order[0]]
+    if threshold == "measured":
+        best = float(evaluate(acc.mean()))
     for index in order[1:]:
         candidate, score = _greedy_step(acc, loaders[index], evaluate, where=f"loader {index}")
         if score >= best:

@@ -26,7 +26,7 @@ from ratatouille.engine.models import (
     featurizer_state,
     load_featurizer_params,
 )
-from ratatouille.engine.probe import linear_probe
+from ratatouille.engine.probe import ProbeSelect, linear_probe
 from ratatouille.engine.train import FineTuneConfig, FineTuneResult, evaluate_accuracy, fine_tune
 from ratatouille.merging.soups import average
 from ratatouille.recipe.specs import (
@@ -70,6 +70,8 @@ class TrialContext:
     ma_start: int = 100
     cpus_per_trial: float = 1.0
     compile: bool = False
+    probe_select: ProbeSelect = "last"  # which linear-probe head is kept (probe.select)
+    probe_checkpoint_freq: int = 100
 
     def device(self) -> str:
         return "cuda" if self.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
@@ -92,6 +94,11 @@ class TrialContext:
             cache_dir=self.data.cache_dir,
         )
 
+    def splits_options(self) -> dict[str, Any]:
+        """How training batches are drawn and ID val is transformed (data.sampling,
+        data.id_val_transform), for target_splits/auxiliary_splits."""
+        return {"sampling": self.data.sampling, "id_val_transform": self.data.id_val_transform}
+
 
 def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
     """The TrialContext of an experiment; `weights` sets featurizers and heads."""
@@ -105,6 +112,8 @@ def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
         ma_start=config.target.ma_start,
         cpus_per_trial=config.resources.cpus_per_trial,
         compile=config.model.compile,
+        probe_select=config.probe.select,
+        probe_checkpoint_freq=config.probe.checkpoint_freq,
         **weights,
     )
 
@@ -176,7 +185,9 @@ def _data_input(
 def run_pretrain(spec: PretrainSpec, ctx: TrialContext, reporter: Reporter) -> None:
     """phi_pt from scratch on T0 (the offline benchmark has no hub weights)."""
     dataset = ctx.dataset(spec.task)
-    splits = auxiliary_splits(dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction)
+    splits = auxiliary_splits(
+        dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction, **ctx.splits_options()
+    )
     model = build_classifier(
         ctx.arch, dataset.num_classes, dropout=spec.hparams.dropout, freeze_bn=False, seed=spec.seed
     )
@@ -205,7 +216,9 @@ def _pretrained_classifier(
 def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
     """(w_aux, phi_aux): phi_pt fine-tuned on every domain of an auxiliary task."""
     dataset = ctx.dataset(spec.task)
-    splits = auxiliary_splits(dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction)
+    splits = auxiliary_splits(
+        dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction, **ctx.splits_options()
+    )
     model = _pretrained_classifier(ctx, dataset.num_classes, spec.hparams.dropout, spec.seed)
     if spec.head is not None:  # the task's linear probe, against feature distortion
         model.head.load_state_dict(ctx.heads[spec.head])
@@ -234,7 +247,9 @@ def run_aux_probe(spec: AuxProbeSpec, ctx: TrialContext, reporter: Reporter) -> 
     """The head an auxiliary task's runs start from: a linear probe of phi_pt on every domain
     of the task, fitted on cached features as the target's w_lp is."""
     dataset = ctx.dataset(spec.task, augment=False)
-    splits = auxiliary_splits(dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction)
+    splits = auxiliary_splits(
+        dataset, split_seed=0, holdout_fraction=ctx.data.holdout_fraction, **ctx.splits_options()
+    )
     _probe_and_report(spec, ctx, reporter, dataset, splits, _data_input(dataset, ctx, 0))
 
 
@@ -259,6 +274,8 @@ def _probe_and_report(
         batch_size=hp.batch_size,
         seed=spec.seed,
         device=ctx.device(),
+        select=ctx.probe_select,
+        checkpoint_freq=ctx.probe_checkpoint_freq,
     )
     reporter.report(
         {MetricKey.FINAL_ID_VAL_ACC: probe.id_val_acc, MetricKey.DONE: True, **data_input},
@@ -271,7 +288,13 @@ def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
     cell = spec.cell
     # The probe reads ID-train through the eval transform: features are extracted once.
     dataset = ctx.dataset(ctx.data.dataset, augment=False)
-    splits = target_splits(dataset, [cell.test_env], cell.split_seed, ctx.data.holdout_fraction)
+    splits = target_splits(
+        dataset,
+        [cell.test_env],
+        cell.split_seed,
+        ctx.data.holdout_fraction,
+        **ctx.splits_options(),
+    )
     data_input = _data_input(dataset, ctx, cell.split_seed, test_env=cell.test_env)
     _probe_and_report(spec, ctx, reporter, dataset, splits, data_input)
 
@@ -293,7 +316,13 @@ def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
     """theta_i: (w_lp, phi_i) fine-tuned on the target task; best ID-val weights checkpointed."""
     cell = spec.cell
     dataset = ctx.dataset(ctx.data.dataset)
-    splits = target_splits(dataset, [cell.test_env], cell.split_seed, ctx.data.holdout_fraction)
+    splits = target_splits(
+        dataset,
+        [cell.test_env],
+        cell.split_seed,
+        ctx.data.holdout_fraction,
+        **ctx.splits_options(),
+    )
     model = _pretrained_classifier(ctx, dataset.num_classes, spec.hparams.dropout, spec.seed)
     phi_init = init_featurizer(spec, ctx)
     if phi_init is not None:

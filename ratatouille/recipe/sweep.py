@@ -87,7 +87,7 @@ def _content_digest(path: str, size: int, mtime_ns: int) -> str:
 
 def _data_recipe(config: ExperimentConfig, *, augment: bool) -> dict[str, Any]:
     data = config.data
-    return {
+    recipe: dict[str, Any] = {
         "image_size": data.image_size,
         "augment": augment,
         "holdout_fraction": data.holdout_fraction,
@@ -95,6 +95,12 @@ def _data_recipe(config: ExperimentConfig, *, augment: bool) -> dict[str, Any]:
         # the decoded store crops from the stored S x S image, PIL from the original file
         "loader": data.pipeline,
     }
+    # Named only off its default, so the entries made before the switch existed keep their
+    # names. data.id_val_transform is absent: pool entries keep their last weights and probes
+    # read ID val through the evaluation transform, so it shapes no pooled weights.
+    if data.sampling != "epochs":
+        recipe["sampling"] = data.sampling
+    return recipe
 
 
 #: The fields of a pool entry's recipe that every featurizer one target run mixes must share.
@@ -136,7 +142,16 @@ def _aux_probe_recipe(config: ExperimentConfig, task: str) -> dict[str, Any]:
         "steps": aux_steps(config, task),
         "hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "batch": probe.batch_size},
         "seed": seed_hash(config.seed, "aux_probe", task),
+        **_probe_selection(config),
     }
+
+
+def _probe_selection(config: ExperimentConfig) -> dict[str, Any]:
+    """Which head a probe keeps, named only off the default (``last``: older names stay)."""
+    probe = config.probe
+    if probe.select == "last":
+        return {}
+    return {"select": probe.select, "checkpoint_freq": probe.checkpoint_freq}
 
 
 def aux_probe_name(config: ExperimentConfig, task: str) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -41,7 +42,9 @@ class ReduceSettings:
     ``max_pairs`` caps the diversity-vs-gain pairs (each costs one OOD evaluation; 0 disables);
     ``ablation_points`` caps the sizes M evaluated per arm in the runs ablation (Fig. 8);
     ``final_model`` is the rule that picks the registered model (a single-model strategy, or
-    ``best_id_val``; see :func:`ratatouille.reducer.strategies.choose_final`).
+    ``best_id_val``; see :func:`ratatouille.reducer.strategies.choose_final`);
+    ``greedy_threshold``: the greedy soup's first threshold, the best run's logged ID-val score
+    or (``measured``) its ID-val accuracy measured by the reducer.
     """
 
     wise_alpha: float = 0.5
@@ -54,6 +57,7 @@ class ReduceSettings:
     max_pairs: int = 30
     ablation_points: int = 6
     final_model: str = "ratatouille_uniform"
+    greedy_threshold: Literal["logged", "measured"] = "logged"
 
 
 @dataclass

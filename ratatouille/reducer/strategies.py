@@ -162,11 +162,13 @@ def _uniform(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Sele
 
 def _greedy(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected:
     """The greedy soup: runs by decreasing logged ID-val score, each kept iff the average's
-    ID-val accuracy does not drop."""
+    ID-val accuracy does not drop below the threshold: at first the best run's logged score, or
+    its measured one (``greedy_threshold: measured``)."""
     greedy = greedy_soup(
         [run.load_state for run in runs],
         [run.id_val_acc for run in runs],
         lambda state: sel.ev.accuracy(state, ID_VAL),
+        threshold=sel.inputs.settings.greedy_threshold,
     )
     chosen = tuple(runs[i].run_id for i in greedy.selected)
     if len(chosen) == 1:  # GreedySoup.score is then the logged score; the table shows measured ones
