@@ -427,3 +427,48 @@ def test_switch_defaults_and_bad_values(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=f"{section}.{key}"):
             tiny_config(tmp_path, **{section: {key: value}})
+
+
+# --- model.precision ----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_autocast_is_bf16_on_cuda_only_when_precision_asks_for_it():
+    # the context objects say what they do without a GPU: torch.autocast records its dtype
+    bf16 = train_module.autocast_for("cuda", "bf16")
+    assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16
+    assert not isinstance(train_module.autocast_for("cuda", "fp32"), torch.autocast)
+    assert not isinstance(train_module.autocast_for("cpu", "bf16"), torch.autocast)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_model_precision_reaches_every_forward_of_a_trial_and_the_reducer(
+    tmp_path, monkeypatch, digits, precision
+):
+    import dataclasses
+
+    from ratatouille.orchestration.reporting import _predict
+    from ratatouille.recipe.sweep import target_specs
+
+    seen: list[str] = []
+    real = train_module.autocast_for
+
+    def recording(device, precision="bf16"):
+        seen.append(precision)
+        return real(device, precision)
+
+    monkeypatch.setattr(train_module, "autocast_for", recording)
+    config = tiny_config(tmp_path, model={"precision": precision})
+    model = build_classifier(ARCH, 10, seed=0)
+    ctx = context_for(config, featurizers={PRETRAINED: featurizer_state(model)})
+    assert ctx.precision == precision
+    cells = experiment_cells(config)
+    ctx.heads[cells[0].key] = head_state(model)
+    spec = next(s for s in target_specs(config, cells) if s.init_source == PRETRAINED)
+    spec = dataclasses.replace(spec, steps=3, checkpoint_freq=2)
+    run_trial(spec, ctx, ListReporter())
+    assert seen and set(seen) == {precision}  # training steps and ID-val evaluations
+    predict = _predict(config)
+    seen.clear()
+    predict(model, digits.domain(0, train=False), batch_size=512)
+    assert set(seen) == {precision}

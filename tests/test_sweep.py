@@ -186,6 +186,17 @@ def test_one_probe_per_aux_task_shared_by_that_tasks_runs(reference, tmp_path):
     assert {s.head for s in aux_specs(random_head)} == {None}
 
 
+def test_plan_counts_aux_evaluations_at_their_eval_freq(tmp_path):
+    from ratatouille.recipe.sweep import Rates
+
+    config = tiny_config(tmp_path, aux={"eval_freq": 6})  # 12 steps: ID-val at 0, 6 and 11
+    rows = {
+        r["stage"]: r
+        for r in plan_rows(config, experiment_cells(config), _fake_sizes, Rates(1.0, 1.0, "x"))
+    }
+    assert rows["aux"]["eval_images"] == 2 * 3 * 10
+
+
 def test_plan_counts_the_aux_probes(reference):
     from ratatouille.recipe.sweep import Rates
 
@@ -222,6 +233,8 @@ def _changed(tmp_path, **sections):
         {"model": {"freeze_bn": False}},
         {"data": {"holdout_fraction": 0.3}},
         {"data": {"pipeline": "decoded"}},
+        {"aux": {"checkpoint_freq": 4}},  # loaders are re-seeded at every snapshot point
+        {"model": {"precision": "fp32"}},
         {"seed": 1},
         {"aux": {"head_init": "probe"}},
         {"aux": {"steps": 13}},
@@ -254,7 +267,7 @@ def test_the_data_pipeline_version_renames_entries(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "change",
     [
-        {"aux": {"checkpoint_freq": 4}},  # when ID-val is read, not what is trained
+        {"aux": {"eval_freq": 12}},  # when ID-val is read, not what is trained
         {"aux": {"tasks": ["digits_aux_flipped"]}},  # another task's entries stay
         {"target": {"n_runs": 7}},
         {"data": {"test_envs": ["thick"], "split_seeds": [1]}},
@@ -321,20 +334,20 @@ def test_plan_prices_each_stage_at_what_it_costs(tmp_path):
     got = {r["stage"]: (r["trials"], r["images"], r["eval_images"]) for r in rows}
     # Held-out rot30 (300 images): 700 training-domain images, ID-val = 20 % of them = 140.
     # pretrain: 30 steps x 32 x 1 domain; ID-val (10 of 50) at steps 0, 10, 20, 29.
-    # aux: 2 tasks x 12 steps x 32; ID-val at steps 0, 6, 11.
+    # aux: 2 tasks x 12 steps x 32; ID-val once, at the last step (aux.eval_freq unset).
     # probe: features of the 560 ID-train images once + one ID-val pass = 700, no training.
     # target: 3 arms x 3 runs x 12 steps x 32 x 3 domains; ID-val at steps 0, 5, 10, 11, then
     # the 300 test images once.
     # reduce: per arm, greedy 2 + uniform 1 ID-val passes, both soups once on OOD.
     assert got == {
         "pretrain": (1, 30 * 32, 4 * 10),
-        "aux": (2, 2 * 12 * 32, 2 * 3 * 10),
+        "aux": (2, 2 * 12 * 32, 2 * 1 * 10),
         "probe": (1, 0, 700),
         "target": (9, 9 * 12 * 32 * 3, 9 * (4 * 140 + 300)),
         "reduce": (0, 0, 3 * (3 * 140 + 2 * 300)),
     }
     train = 30 * 32 + 2 * 12 * 32 + 9 * 12 * 32 * 3
-    evals = 40 + 60 + 700 + 9 * 860 + 3 * 1020
+    evals = 40 + 20 + 700 + 9 * 860 + 3 * 1020
     hours = sum(r["gpu_hours"] for r in rows)
     assert hours == pytest.approx((train / 100 + evals / 1000) / 3600)
     assert [evaluations(n, f) for n, f in ((12, 3), (12, 5), (400, 50), (1, 7))] == [5, 4, 9, 1]

@@ -34,7 +34,7 @@ from ratatouille.data import InfiniteLoader, MultiDomainDataset, TaskSplits, eva
 from ratatouille.data.loaders import sampling_of
 from ratatouille.data.splits import TrainSplit
 from ratatouille.engine.models import feature_dim
-from ratatouille.engine.train import TrainingDiverged, autocast_for, loader_seed
+from ratatouille.engine.train import Precision, TrainingDiverged, autocast_for, loader_seed
 
 
 @dataclass
@@ -82,6 +82,7 @@ def extract_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    precision: Precision = "bf16",
 ) -> tuple[Tensor, Tensor]:
     """``phi(x)`` (float32, N x D) and labels (N) of every item, featurizer in eval mode."""
     device = torch.device(device)
@@ -90,7 +91,7 @@ def extract_features(
     feats, labels = [], []
     try:
         for x, y in eval_batches(dataset, batch_size, device=device, num_workers=num_workers):
-            with autocast_for(device):
+            with autocast_for(device, precision):
                 feats.append(featurizer(x).float())
             labels.append(y.to(device, non_blocking=True))
     finally:
@@ -127,6 +128,7 @@ def linear_probe(
     num_workers: int = 0,
     head_init: dict[str, Tensor] | None = None,
     select: ProbeSelect = "last",
+    precision: Precision = "bf16",
     checkpoint_freq: int = 100,
 ) -> LinearProbeResult:
     """Fit ``w_lp`` on features of ``phi_pt`` cached once (see the module docstring).
@@ -146,8 +148,13 @@ def linear_probe(
         raise ValueError("linear_probe needs at least one training domain and its ID-val split")
     dev = torch.device(device)
     featurizer.to(dev)
-    cached = [extract_features(featurizer, d, eval_batch_size, dev, num_workers) for d in train]
-    held = [extract_features(featurizer, d, eval_batch_size, dev, num_workers) for d in id_val]
+    cached = [
+        extract_features(featurizer, d, eval_batch_size, dev, num_workers, precision) for d in train
+    ]
+    held = [
+        extract_features(featurizer, d, eval_batch_size, dev, num_workers, precision)
+        for d in id_val
+    ]
     head = _new_head(feature_dim(featurizer), num_classes, seed, dev)
     if head_init is not None:
         head.load_state_dict(head_init)

@@ -50,6 +50,9 @@ from ratatouille.core.seeding import seed_hash
 from ratatouille.data import eval_batches, train_batches
 from ratatouille.engine.models import Classifier
 
+#: model.precision: bf16 autocast of forward passes on CUDA, or fp32 (the reference's)
+Precision = Literal["bf16", "fp32"]
+
 SNAPSHOT_VERSION = 1
 # Fields that must match between a snapshot and the config that resumes it.
 _RESUME_FIELDS = (
@@ -96,6 +99,7 @@ class FineTuneConfig:
     eval_freq: int | Literal["end"] | None = None
     sync_freq: int = 50
     compile: bool = False
+    precision: Precision = "bf16"
 
     def __post_init__(self) -> None:
         positive = {
@@ -168,9 +172,12 @@ def loader_seed(seed: int, domain: int, start_step: int) -> int:
     return seed_hash("train_loader", seed, domain, start_step)
 
 
-def autocast_for(device: torch.device | str) -> AbstractContextManager:
-    """bf16 autocast on CUDA, full precision elsewhere."""
-    if torch.device(device).type == "cuda":
+def autocast_for(
+    device: torch.device | str, precision: Precision = "bf16"
+) -> AbstractContextManager:
+    """bf16 autocast on CUDA (``model.precision: bf16``), full precision elsewhere or with
+    ``fp32`` (the reference's)."""
+    if torch.device(device).type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -189,6 +196,7 @@ def predict_logits(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    precision: Precision = "bf16",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(logits N x C float32, labels N int64)`` of ``model`` in eval mode, in dataset order."""
     device = torch.device(device)
@@ -199,7 +207,7 @@ def predict_logits(
         with _fork_rng(device):
             batches = eval_batches(dataset, batch_size, device=device, num_workers=num_workers)
             for x, y in batches:
-                with autocast_for(device):
+                with autocast_for(device, precision):
                     out = model(x)
                 logits.append(out.float().cpu())
                 labels.append(y)
@@ -214,13 +222,14 @@ def evaluate_accuracy(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    precision: Precision = "bf16",
 ) -> float:
     """Accuracy averaged over ``datasets`` (DomainBed's ID-val score: mean over domains)."""
     if len(datasets) == 0:
         raise ValueError("evaluate_accuracy needs at least one dataset")
     accs = []
     for dataset in datasets:
-        logits, labels = predict_logits(model, dataset, batch_size, device, num_workers)
+        logits, labels = predict_logits(model, dataset, batch_size, device, num_workers, precision)
         accs.append(float((logits.argmax(1) == labels).mean()))
     return float(np.mean(accs))
 
@@ -410,7 +419,7 @@ class _FineTuning:
         x, y = torch.cat(xs), torch.cat(ys)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.cfg.precision):
             loss = F.cross_entropy(self.forward(x), y)
         assert self.optimizer is not None, "enter_phase() opens the optimizer before any step"
         self.optimizer.zero_grad(set_to_none=True)
@@ -449,7 +458,12 @@ class _FineTuning:
     def evaluate(self) -> float:
         cfg = self.cfg
         acc = evaluate_accuracy(
-            self.model, self.id_val, cfg.eval_batch_size, self.device, cfg.num_workers
+            self.model,
+            self.id_val,
+            cfg.eval_batch_size,
+            self.device,
+            cfg.num_workers,
+            cfg.precision,
         )
         if acc > self.best_acc:  # strict: ties keep the earlier weights, as the reference
             self.best_acc, self.best_step = acc, self.step

@@ -21,6 +21,7 @@ from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
 from ratatouille.data import target_splits
 from ratatouille.data.identity import input_record
 from ratatouille.engine.models import build_classifier, join_state
+from ratatouille.engine.train import predict_logits
 from ratatouille.orchestration.search import (
     SweepIncomplete,
     TrialOutcome,
@@ -124,13 +125,24 @@ def _cell_inputs(config: ExperimentConfig, dataset: Any, cell: Cell) -> list[tup
     ]
 
 
+def _predict(config: ExperimentConfig) -> Callable[..., tuple]:
+    """The reducer's forward passes at the precision the runs trained with (model.precision)."""
+    return functools.partial(predict_logits, precision=config.model.precision)
+
+
 def reduce_one_cell(
     config: ExperimentConfig, cell: Cell, runs: list[TargetRun], featurizers: dict, w_lp: dict
 ) -> CellReduction:
     """Build one cell's reducer inputs where the data lives, and reduce it."""
     context = context_for(config)
     dataset = context.dataset(config.data.dataset)
-    splits = target_splits(dataset, [cell.test_env], cell.split_seed, config.data.holdout_fraction)
+    splits = target_splits(
+        dataset,
+        [cell.test_env],
+        cell.split_seed,
+        config.data.holdout_fraction,
+        **context.splits_options(),
+    )
     example = splits.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
     phi_pt = featurizers[PRETRAINED]
     build = functools.partial(
@@ -145,6 +157,7 @@ def reduce_one_cell(
         ablation_draws=config.reduce.ablation_draws,
         max_pairs=config.reduce.max_pairs,
         final_model=config.reduce.final_model,
+        greedy_threshold=config.reduce.greedy_threshold,
         seed=config.seed,
         device=context.device(),
     )
@@ -159,6 +172,7 @@ def reduce_one_cell(
         w_lp=w_lp,
         pool_featurizers=pool_loaders,
         settings=settings,
+        predict=_predict(config),
     )
     return CellReduction(reduce_cell(inputs), _cell_inputs(config, dataset, cell), example)
 
@@ -171,12 +185,23 @@ def reduce_domain_dagger_task(
     context = context_for(config)
     dataset = context.dataset(config.data.dataset)
     cell = cells[0]
-    splits = target_splits(dataset, [cell.test_env], cell.split_seed, config.data.holdout_fraction)
+    splits = target_splits(
+        dataset,
+        [cell.test_env],
+        cell.split_seed,
+        config.data.holdout_fraction,
+        **context.splits_options(),
+    )
     build = functools.partial(
         build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
     )
     return reduce_domain_dagger(
-        cell.test_domain, runs_by_seed, build, splits.ood_test, device=context.device()
+        cell.test_domain,
+        runs_by_seed,
+        build,
+        splits.ood_test,
+        device=context.device(),
+        predict=_predict(config),
     )
 
 

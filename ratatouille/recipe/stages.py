@@ -27,7 +27,13 @@ from ratatouille.engine.models import (
     load_featurizer_params,
 )
 from ratatouille.engine.probe import ProbeSelect, linear_probe
-from ratatouille.engine.train import FineTuneConfig, FineTuneResult, evaluate_accuracy, fine_tune
+from ratatouille.engine.train import (
+    FineTuneConfig,
+    FineTuneResult,
+    Precision,
+    evaluate_accuracy,
+    fine_tune,
+)
 from ratatouille.merging.soups import average
 from ratatouille.recipe.specs import (
     AuxProbeSpec,
@@ -70,6 +76,7 @@ class TrialContext:
     ma_start: int = 100
     cpus_per_trial: float = 1.0
     compile: bool = False
+    precision: Precision = "bf16"  # model.precision (bf16 autocast on CUDA, or fp32)
     probe_select: ProbeSelect = "last"  # which linear-probe head is kept (probe.select)
     probe_checkpoint_freq: int = 100
 
@@ -112,6 +119,7 @@ def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
         ma_start=config.target.ma_start,
         cpus_per_trial=config.resources.cpus_per_trial,
         compile=config.model.compile,
+        precision=config.model.precision,
         probe_select=config.probe.select,
         probe_checkpoint_freq=config.probe.checkpoint_freq,
         **weights,
@@ -132,6 +140,7 @@ def _finetune_config(
         device=ctx.device(),
         num_workers=ctx.num_workers(),
         compile=ctx.compile,
+        precision=ctx.precision,
         **extra,
     )
 
@@ -238,7 +247,7 @@ def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
         weights[WeightsFile.FEATURIZER_MA] = featurizer_state(result.average_state)
         model.load_state_dict(result.average_state)
         metrics[MetricKey.MA_ID_VAL_ACC] = evaluate_accuracy(
-            model, splits.id_val, device=ctx.device()
+            model, splits.id_val, device=ctx.device(), precision=ctx.precision
         )
     reporter.report(metrics, weights=weights)
 
@@ -274,6 +283,7 @@ def _probe_and_report(
         batch_size=hp.batch_size,
         seed=spec.seed,
         device=ctx.device(),
+        precision=ctx.precision,
         select=ctx.probe_select,
         checkpoint_freq=ctx.probe_checkpoint_freq,
     )
@@ -345,7 +355,7 @@ def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
         weights = {WeightsFile.MODEL: result.best_state, WeightsFile.MODEL_MA: result.average_state}
         model.load_state_dict(result.average_state)
         metrics[MetricKey.MA_ID_VAL_ACC] = evaluate_accuracy(
-            model, splits.id_val, device=ctx.device()
+            model, splits.id_val, device=ctx.device(), precision=ctx.precision
         )
     reporter.report(metrics, weights=weights)
 

@@ -143,7 +143,13 @@ def _aux_probe_recipe(config: ExperimentConfig, task: str) -> dict[str, Any]:
         "hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "batch": probe.batch_size},
         "seed": seed_hash(config.seed, "aux_probe", task),
         **_probe_selection(config),
+        **_precision(config),
     }
+
+
+def _precision(config: ExperimentConfig) -> dict[str, Any]:
+    """bf16 autocast (on CUDA) shapes weights and features; named only off the default."""
+    return {} if config.model.precision == "bf16" else {"precision": config.model.precision}
 
 
 def _probe_selection(config: ExperimentConfig) -> dict[str, Any]:
@@ -199,6 +205,9 @@ def aux_recipe(config: ExperimentConfig, task: str, run: int) -> dict[str, Any]:
         "hparams": dataclasses.asdict(_aux_hparams(config, task, run)),
         "seed": seed_hash(config.seed, "aux", task, run),
         "head": aux_probe_name(config, task),  # itself a digest of the probe's recipe
+        # loaders are re-seeded at every snapshot point, so the schedule shapes the batches
+        "checkpoint_freq": config.aux.checkpoint_freq,
+        **_precision(config),
     }
 
 
@@ -386,6 +395,14 @@ def evaluations(steps: int, freq: int) -> int:
     return len(range(0, steps, freq)) + ((steps - 1) % freq != 0)
 
 
+def _evaluations_of(spec: Any) -> int:
+    """ID-val evaluations of a pretrain or aux trial: aux runs evaluate every ``eval_freq``
+    steps, or only at their last step when it is None (their last featurizer is kept)."""
+    if isinstance(spec, AuxSpec):
+        return evaluations(spec.steps, spec.eval_freq) if spec.eval_freq else 1
+    return evaluations(spec.steps, spec.checkpoint_freq)
+
+
 def _row(stage: str, specs: list[Any], train: int, evals: int, rates: Rates) -> dict[str, Any]:
     return {
         "stage": stage,
@@ -424,7 +441,7 @@ def plan_rows(
     for stage, specs in (("pretrain", [pretrain] if pretrain else []), ("aux", aux_specs(config))):
         train = sum(s.steps * s.hparams.batch_size * len(domain_sizes(s.task)) for s in specs)
         evals = sum(
-            evaluations(s.steps, s.checkpoint_freq) * round(holdout * sum(domain_sizes(s.task)))
+            _evaluations_of(s) * round(holdout * sum(domain_sizes(s.task)))
             for s in specs
         )
         if stage == "aux" and config.aux.head_init == "probe":
