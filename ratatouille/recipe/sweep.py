@@ -440,10 +440,7 @@ def plan_rows(
     pretrain = pretrain_spec(config)
     for stage, specs in (("pretrain", [pretrain] if pretrain else []), ("aux", aux_specs(config))):
         train = sum(s.steps * s.hparams.batch_size * len(domain_sizes(s.task)) for s in specs)
-        evals = sum(
-            _evaluations_of(s) * round(holdout * sum(domain_sizes(s.task)))
-            for s in specs
-        )
+        evals = sum(_evaluations_of(s) * round(holdout * sum(domain_sizes(s.task))) for s in specs)
         if stage == "aux" and config.aux.head_init == "probe":
             # one feature extraction over every domain of each auxiliary task; the head steps
             # run on the cached features (as the target's probe)
