@@ -329,22 +329,22 @@ def test_id_val_train_transform_without_augmentation_is_the_eval_transform():
 
 def test_stages_build_their_splits_with_the_configured_options(tmp_path, monkeypatch, phi_pt):
     """A probe and a target run of a config with both switches on: the stage builds its splits
-    with them, and fine_tune (through train_batches) draws the batches as the split asks."""
+    with them, and fine_tune (through its TrainStreams) draws the batches as the split asks."""
     data = {"id_val_transform": "train", "sampling": "with_replacement"}
     config = tiny_config(tmp_path, data=data, target={"steps": 2, "checkpoint_freq": 1})
     seen, drawn = [], []
-    real_splits, real_batches = stages.target_splits, train_module.train_batches
+    real_splits, real_stream = stages.target_splits, train_module.TrainStream
 
     def spy_splits(*args, **kwargs):
         seen.append(kwargs)
         return real_splits(*args, **kwargs)
 
-    def spy_batches(dataset, *args, **kwargs):
+    def spy_stream(dataset, *args, **kwargs):
         drawn.append(sampling_of(dataset))
-        return real_batches(dataset, *args, **kwargs)
+        return real_stream(dataset, *args, **kwargs)
 
     monkeypatch.setattr(stages, "target_splits", spy_splits)
-    monkeypatch.setattr(train_module, "train_batches", spy_batches)
+    monkeypatch.setattr(train_module, "TrainStream", spy_stream)
     cell = experiment_cells(config)[0]
     ctx = context_for(config, featurizers={PRETRAINED: phi_pt})
     probe = ListReporter()

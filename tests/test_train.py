@@ -500,3 +500,33 @@ def test_weights_come_back_contiguous_from_a_channels_last_model() -> None:
     result = fine_tune(model, TRAIN, ID_VAL, cfg)
     for state in (result.final_state, result.best_state, result.average_state):
         assert all(t.is_contiguous() for t in state.values())
+
+
+class _PidRecording(torch.utils.data.Dataset):
+    """A domain that appends the loading process's id to a file for every item it serves."""
+
+    def __init__(self, base: TensorDataset, log) -> None:
+        self.base, self.log = base, log
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        with open(self.log, "a") as out:
+            out.write(f"{__import__('os').getpid()}\n")
+        return self.base[index]
+
+
+def test_loader_workers_live_for_the_whole_run_and_change_no_batch(tmp_path) -> None:
+    log = tmp_path / "pids.txt"
+    train = [_PidRecording(d, log) for d in TRAIN[:2]]
+    # 7 steps, a checkpoint every 2: the streams are re-seeded at steps 0, 1, 3, 5 (after each
+    # checkpoint), as a resume would re-seed them
+    cfg = _cfg(steps=7, num_workers=2)
+    with_workers = fine_tune(_model(), train, ID_VAL[:2], cfg).final_state
+    pids = set(log.read_text().split())
+    # 2 domains x 2 workers, started once: re-created loaders would start 2 x 2 per re-seed
+    assert len(pids) == 2 * 2
+    assert str(__import__("os").getpid()) not in pids
+    in_process = fine_tune(_model(), TRAIN[:2], ID_VAL[:2], _cfg(steps=7)).final_state
+    assert _equal(with_workers, in_process)

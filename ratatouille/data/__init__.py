@@ -35,7 +35,7 @@ from ratatouille.data.domainbed import (
     TerraIncognita,
 )
 from ratatouille.data.loaders import InfiniteLoader, eval_loader
-from ratatouille.data.pipeline import StoredDomain, eval_batches, train_batches
+from ratatouille.data.pipeline import StoredDomain, TrainStream, eval_batches, train_batches
 from ratatouille.data.splits import (
     TaskSplits,
     auxiliary_splits,
@@ -106,6 +106,7 @@ __all__ = [
     "TaskSplits",
     "TensorDomain",
     "TerraIncognita",
+    "TrainStream",
     "auxiliary_splits",
     "default_cache_dir",
     "domainbed_eval_transform",

@@ -37,6 +37,7 @@ from ratatouille.data.base import DataError, FileDomain
 from ratatouille.data.loaders import (
     InfiniteLoader,
     _EndlessBatches,
+    _SeededItems,
     check_batch_size,
     eval_loader,
     sampling_of,
@@ -123,6 +124,65 @@ def _on(device: torch.device, tensor: Tensor) -> Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+class TrainStream:
+    """One training domain's batches for a whole run. :meth:`restart` begins the stream of a
+    seed (the batches ``train_batches(dataset, batch_size, seed)`` yields) while the loader's
+    worker processes stay up between restarts (``persistent_workers``).
+
+    The trainer re-seeds every domain at each snapshot point, so that a resume draws exactly the
+    batches an uninterrupted run draws. Re-creating the loaders instead started ``num_workers``
+    processes per domain at every checkpoint: seconds each time, with the GPU idle. Items carry
+    their own seeds, so reusing workers changes no batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        view = stored_view(dataset)
+        items: Dataset
+        if view is None:
+            n, items, collate = len(dataset), _SeededItems(dataset), None  # type: ignore[arg-type]
+        else:
+            domain, rows = view
+            n, items, collate = len(rows), _Gather(domain, rows), _Collate(domain, domain.train)
+        InfiniteLoader.check(n, batch_size, num_workers)
+        self._stored = view is not None
+        self._batches = _EndlessBatches(n, batch_size, 0, sampling_of(dataset))
+        self._loader = DataLoader(
+            items,
+            batch_sampler=self._batches,
+            num_workers=num_workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            # DataLoader draws its workers' base seed from this generator; without one it would
+            # draw from (and advance) the global RNG. Items never read it: they carry seeds.
+            generator=torch.Generator().manual_seed(seed_hash("TrainStream.workers", n)),
+        )
+
+    def restart(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The endless batches of ``seed`` from their first one; the previous stream ends."""
+        self._batches.seed = int(seed)
+        return self._stream(iter(self._loader))
+
+    def _stream(self, batches: Iterator) -> Iterator[tuple[Tensor, Tensor]]:
+        device = self.device
+        if not self._stored:
+            for x, y in batches:
+                yield _on(device, x), _on(device, torch.as_tensor(y).long())
+            return
+        for images, labels, params in batches:
+            images = _on(device, images)
+            x = eval_batch(images) if params is None else augment_batch(images, params)
+            yield x, _on(device, labels)
+
+
 def train_batches(
     dataset: Dataset,
     batch_size: int,
@@ -131,31 +191,10 @@ def train_batches(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless training batches of one domain (see the module docstring), re-started per call,
-    drawn as the split asks (``sampling_of``: epochs or with replacement)."""
-    device = torch.device(device)
-    sampling = sampling_of(dataset)
-    view = stored_view(dataset)
-    pin = device.type == "cuda"
-    if view is None:
-        loader = InfiniteLoader(dataset, batch_size, seed, num_workers, pin_memory=pin)
-        for x, y in loader:
-            yield _on(device, x), _on(device, torch.as_tensor(y).long())
-        return
-    domain, rows = view
-    InfiniteLoader.check(len(rows), batch_size, num_workers)
-    batches = DataLoader(
-        _Gather(domain, rows),
-        batch_sampler=_EndlessBatches(len(rows), batch_size, seed, sampling),
-        num_workers=num_workers,
-        collate_fn=_Collate(domain, domain.train),
-        pin_memory=pin,
-        generator=torch.Generator().manual_seed(seed_hash("train_batches.workers", seed)),
-    )
-    for images, labels, params in batches:
-        images = _on(device, images)
-        x = eval_batch(images) if params is None else augment_batch(images, params)
-        yield x, _on(device, labels)
+    """Endless training batches of one domain (see the module docstring), drawn as the split
+    asks (``sampling_of``: epochs or with replacement). A trainer that restarts streams keeps
+    one :class:`TrainStream` per domain instead."""
+    return TrainStream(dataset, batch_size, device=device, num_workers=num_workers).restart(seed)
 
 
 def eval_batches(

@@ -22,11 +22,12 @@ On CUDA the model and its inputs use ``channels_last`` and, with ``compile=True`
 forward runs through ``torch.compile`` (compiling costs about a minute per process on a
 ResNet-50 and pays off only over thousands of steps; off by default). Both are no-ops on CPU.
 
-Resumability: each training domain's batches come from an ``InfiniteLoader`` re-seeded at the
-first step after every checkpoint (seed ``loader_seed(seed, domain, step)``). A snapshot taken
-at a checkpoint therefore needs no loader position, and a resumed run draws exactly the batches
-an uninterrupted run draws. (DomainBed samples with replacement; restarting the shuffle every
-``checkpoint_freq`` steps is as uniform.)
+Resumability: each training domain's batches come from a ``TrainStream`` re-seeded at the
+first step after every checkpoint (seed ``loader_seed(seed, domain, step)``); its loader worker
+processes live for the whole run. A snapshot taken at a checkpoint therefore needs no loader
+position, and a resumed run draws exactly the batches an uninterrupted run draws. The split's
+``data.sampling`` says how indices are drawn: seeded permutations (restarted every
+``checkpoint_freq`` steps, as uniform) or with replacement, as DomainBed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from torch.utils.data import Dataset
 
 from ratatouille.core.names import MetricKey
 from ratatouille.core.seeding import seed_hash
-from ratatouille.data import eval_batches, train_batches
+from ratatouille.data import TrainStream, eval_batches
 from ratatouille.engine.models import Classifier
 
 #: model.precision: bf16 autocast of forward passes on CUDA, or fp32 (the reference's)
@@ -376,6 +377,7 @@ class _FineTuning:
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_phase: str | None = None
         self.batches: list[Iterator] | None = None
+        self.streams: list[TrainStream] | None = None  # opened at the first step
         self.trainable = {n: p.requires_grad for n, p in model.featurizer.named_parameters()}
 
     def phase(self, step: int) -> str:
@@ -399,15 +401,17 @@ class _FineTuning:
             param.requires_grad_(self.trainable[name] and not frozen)
 
     def open_loaders(self, step: int) -> list[Iterator]:
+        """Every domain's stream re-seeded for ``step``; loader workers live for the whole run."""
+        if self.streams is None:
+            self.streams = [
+                TrainStream(
+                    d, self.cfg.batch_size, device=self.device, num_workers=self.cfg.num_workers
+                )
+                for d in self.train
+            ]
         return [
-            train_batches(
-                d,
-                self.cfg.batch_size,
-                loader_seed(self.cfg.seed, i, step),
-                device=self.device,
-                num_workers=self.cfg.num_workers,
-            )
-            for i, d in enumerate(self.train)
+            stream.restart(loader_seed(self.cfg.seed, i, step))
+            for i, stream in enumerate(self.streams)
         ]
 
     def train_step(self, step: int) -> None:
@@ -591,4 +595,5 @@ def fine_tune(
     finally:
         run.restore_trainable()
         run.batches = None
+        run.streams = None  # ends the loaders' worker processes
     return run.result()
