@@ -64,7 +64,8 @@ def _mean_claim(claim: str, diffs: list[float], what: str) -> dict:
     if not diffs:
         return _row(claim, None, math.nan, math.nan, 0, f"no cell has {what}")
     mean, se = float(np.mean(diffs)), standard_error(diffs)
-    detail = f"mean {mean:+.4f} (s.e. {se:.4f}) over {len(diffs)} cells"
+    spread = f"s.e. {se:.4f}" if math.isfinite(se) else "no s.e. from one cell"
+    detail = f"mean {mean:+.4f} ({spread}) over {len(diffs)} cells"
     return _row(claim, mean > 0, mean, se, len(diffs), detail)
 
 
