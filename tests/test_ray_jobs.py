@@ -98,7 +98,9 @@ def cluster(tmp_path):
         )
     ]
     try:
-        time.sleep(8)
+        # on a loaded machine the dashboard can take far longer than the GCS to listen
+        _wait_listening(gcs, tmp_path / "head.log")
+        _wait_listening(dashboard, tmp_path / "head.log")
         nodes.append(
             _node(
                 [
@@ -117,6 +119,17 @@ def cluster(tmp_path):
         for node in reversed(nodes):
             _stop(node)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_listening(port: int, log: Path, timeout_s: float = 180.0) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:port (fails with the node's log)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(1)
+    tail = log.read_text()[-3000:]
+    pytest.fail(f"nothing listens on port {port} after {timeout_s:.0f} s; the node's log:\n{tail}")
 
 
 def _submit(env: dict, address: str, home: Path) -> subprocess.CompletedProcess:
