@@ -18,9 +18,9 @@ import pandas as pd
 from ratatouille.core.arms import arms_where
 from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
-from ratatouille.data import target_splits
+from ratatouille.data import MultiDomainDataset, TaskSplits, target_splits
 from ratatouille.data.identity import input_record
-from ratatouille.engine.models import build_classifier, join_state
+from ratatouille.engine.models import Classifier, build_classifier, join_state
 from ratatouille.engine.train import predict_logits
 from ratatouille.orchestration.search import (
     SweepIncomplete,
@@ -29,7 +29,7 @@ from ratatouille.orchestration.search import (
     run_remote,
 )
 from ratatouille.recipe.specs import Cell, TargetSpec, cell_key
-from ratatouille.recipe.stages import StateDict, context_for
+from ratatouille.recipe.stages import StateDict, TrialContext, context_for
 from ratatouille.reducer.claims import claims_metrics, claims_table, format_claims
 from ratatouille.reducer.plots import cross_cell_figures
 from ratatouille.reducer.plots import figures as cell_figures
@@ -130,10 +130,11 @@ def _predict(config: ExperimentConfig) -> Callable[..., tuple]:
     return functools.partial(predict_logits, precision=config.model.precision)
 
 
-def reduce_one_cell(
-    config: ExperimentConfig, cell: Cell, runs: list[TargetRun], featurizers: dict, w_lp: dict
-) -> CellReduction:
-    """Build one cell's reducer inputs where the data lives, and reduce it."""
+def _cell_data(
+    config: ExperimentConfig, cell: Cell
+) -> tuple[TrialContext, MultiDomainDataset, TaskSplits, Callable[[], Classifier]]:
+    """What the reducer reads of a cell, built where the data lives: the trials' context, the
+    dataset, the cell's splits (as the trials drew them) and a builder of its classifier."""
     context = context_for(config)
     dataset = context.dataset(config.data.dataset)
     splits = target_splits(
@@ -143,11 +144,19 @@ def reduce_one_cell(
         config.data.holdout_fraction,
         **context.splits_options(),
     )
-    example = splits.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
-    phi_pt = featurizers[PRETRAINED]
     build = functools.partial(
         build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
     )
+    return context, dataset, splits, build
+
+
+def reduce_one_cell(
+    config: ExperimentConfig, cell: Cell, runs: list[TargetRun], featurizers: dict, w_lp: dict
+) -> CellReduction:
+    """Build one cell's reducer inputs where the data lives, and reduce it."""
+    context, dataset, splits, build = _cell_data(config, cell)
+    example = splits.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
+    phi_pt = featurizers[PRETRAINED]
     pool_loaders: dict[str, Callable[[], StateDict]] = {
         name: functools.partial(dict, featurizers[name]) for name in _recycled_sources(runs)
     }
@@ -182,19 +191,8 @@ def reduce_domain_dagger_task(
 ) -> pd.DataFrame:
     """uniform† of one test domain, where the data lives: the held-out domain in full is the
     OOD test set of every split, so the first cell's serves them all."""
-    context = context_for(config)
-    dataset = context.dataset(config.data.dataset)
     cell = cells[0]
-    splits = target_splits(
-        dataset,
-        [cell.test_env],
-        cell.split_seed,
-        config.data.holdout_fraction,
-        **context.splits_options(),
-    )
-    build = functools.partial(
-        build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
-    )
+    context, _, splits, build = _cell_data(config, cell)
     return reduce_domain_dagger(
         cell.test_domain,
         runs_by_seed,
