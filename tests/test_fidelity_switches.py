@@ -10,20 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
+from probe_routes import calibrated_phi_pt, frozen_featurizer_loop
 from ratatouille.core.config import ConfigError
 from ratatouille.core.names import PRETRAINED
 from ratatouille.core.seeding import seed_hash
-from ratatouille.data import InfiniteLoader, eval_loader, get_dataset, target_splits, train_batches
+from ratatouille.data import InfiniteLoader, get_dataset, target_splits, train_batches
 from ratatouille.data.loaders import _EndlessBatches, sampling_of
 from ratatouille.data.splits import TrainSplit
 from ratatouille.engine import train as train_module
-from ratatouille.engine.models import build_classifier, featurizer_state, freeze_bn, head_state
+from ratatouille.engine.models import build_classifier, featurizer_state, head_state
 from ratatouille.engine.probe import eval_train_views, linear_probe
-from ratatouille.engine.train import evaluate_accuracy, loader_seed
+from ratatouille.engine.train import evaluate_accuracy
 from ratatouille.merging.soups import greedy_soup
 from ratatouille.recipe import stages
 from ratatouille.recipe.checks import experiment_cells
@@ -52,19 +51,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def phi_pt():
-    """Random weights with BN statistics estimated on T0 (frozen-BN features are degenerate
-    otherwise), as tests/test_probe.py."""
-    model = build_classifier(ARCH, 10, seed=0, freeze_bn=False)
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            module.momentum = None
-            module.reset_running_stats()
-    model.train()
-    t0 = get_dataset("digits_t0", augment=False)
-    with torch.no_grad():
-        for x, _ in eval_loader(t0.domain(0, train=False), batch_size=128):
-            model.featurizer(x)
-    return featurizer_state(freeze_bn(model))
+    return calibrated_phi_pt(ARCH)
 
 
 class ListReporter:
@@ -249,41 +236,24 @@ def test_probe_draws_its_indices_as_the_split_asks(digits, phi_pt):
     splits = target_splits(dataset, [0], 0, sampling="with_replacement")
     model = build_classifier(ARCH, splits.num_classes, featurizer_weights=phi_pt, seed=0)
     w0 = {k: v.clone() for k, v in head_state(model).items()}
-    probe = linear_probe(
-        model.featurizer,
-        splits.train,
-        splits.id_val,
-        10,
-        steps=15,
-        lr=1e-2,
-        batch_size=8,
-        seed=4,
-        head_init=w0,
-    )
-    for p in model.featurizer.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-2)
-    streams = [iter(InfiniteLoader(d, 8, loader_seed(4, i, 0))) for i, d in enumerate(splits.train)]
-    model.train()
-    for _ in range(15):
-        xs, ys = zip(*(next(s) for s in streams))
-        loss = F.cross_entropy(model(torch.cat(xs)), torch.cat(ys))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+
+    def probe_on(cell_splits):
+        return linear_probe(
+            model.featurizer,
+            cell_splits.train,
+            cell_splits.id_val,
+            10,
+            steps=15,
+            lr=1e-2,
+            batch_size=8,
+            seed=4,
+            head_init=w0,
+        )
+
+    probe = probe_on(splits)
+    frozen_featurizer_loop(model, splits.train, steps=15, lr=1e-2, batch_size=8, seed=4)
     assert torch.allclose(probe.head_state["weight"], model.head.weight, atol=1e-4)
-    epochs = target_splits(dataset, [0], 0)
-    other = linear_probe(
-        model.featurizer,
-        epochs.train,
-        epochs.id_val,
-        10,
-        steps=15,
-        lr=1e-2,
-        batch_size=8,
-        seed=4,
-        head_init=w0,
-    )
+    other = probe_on(target_splits(dataset, [0], 0))
     assert not torch.allclose(other.head_state["weight"], probe.head_state["weight"])
 
 

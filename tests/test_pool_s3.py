@@ -22,6 +22,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from local_processes import free_port
 from ratatouille.cli.main import main
 from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
 from ratatouille.orchestration.pipeline import _pretrained, pool_path
@@ -34,12 +35,6 @@ from tiny import tiny_config
 ARCH = "test_resnet"
 BUCKET = "ratatouille-test"
 torch.set_num_threads(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for(port: int, server: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
@@ -57,7 +52,7 @@ def _wait_for(port: int, server: subprocess.Popen[bytes], seconds: float = 60.0)
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """``127.0.0.1:PORT`` of a moto S3 server holding the bucket BUCKET."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ratatouille.data import InfiniteLoader, eval_loader, get_dataset, target_splits
-from ratatouille.engine.models import build_classifier, featurizer_state, freeze_bn, head_state
+from probe_routes import calibrated_phi_pt, frozen_featurizer_loop
+from ratatouille.data import get_dataset, target_splits
+from ratatouille.engine.models import build_classifier, featurizer_state, head_state
 from ratatouille.engine.probe import eval_train_views, linear_probe
-from ratatouille.engine.train import evaluate_accuracy, loader_seed
+from ratatouille.engine.train import evaluate_accuracy
 
 ARCH = "test_resnet"
 torch.set_num_threads(1)
@@ -24,40 +23,10 @@ def digits():
 
 @pytest.fixture(scope="module")
 def phi_pt():
-    """A stand-in for a pre-trained featurizer: random weights, but BN statistics estimated on
-    the pre-training task's images (random frozen-BN features are degenerate otherwise)."""
-    model = build_classifier(ARCH, 10, seed=0, freeze_bn=False)
-    for module in model.modules():
-        if isinstance(module, _BatchNorm):
-            module.momentum = None  # cumulative average over the calibration batches
-            module.reset_running_stats()
-    model.train()
-    t0 = get_dataset("digits_t0", augment=False)
-    with torch.no_grad():
-        for x, _ in eval_loader(t0.domain(0, train=False), batch_size=128):
-            model.featurizer(x)
-    return featurizer_state(freeze_bn(model))
+    return calibrated_phi_pt(ARCH)
 
 
-def _frozen_featurizer_loop(model, train, steps, lr, batch_size, seed):
-    """The reference's route: the head trained by Adam through the frozen featurizer, every step."""
-    for p in model.featurizer.parameters():
-        p.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=lr)
-    streams = [
-        iter(InfiniteLoader(d, batch_size, loader_seed(seed, i, 0))) for i, d in enumerate(train)
-    ]
-    model.train()
-    for _ in range(steps):
-        xs, ys = zip(*(next(s) for s in streams))
-        loss = F.cross_entropy(model(torch.cat(xs)), torch.cat(ys))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model
-
-
-def test_probe_on_cached_features_matches_a_frozen_featurizer_loop(digits, phi_pt) -> None:
+def test_probe_on_cached_features_matches_afrozen_featurizer_loop(digits, phi_pt) -> None:
     dataset, splits = digits
     train = eval_train_views(dataset, splits)
     steps, lr, batch_size, seed = 60, 1e-2, 16, 3
@@ -76,7 +45,7 @@ def test_probe_on_cached_features_matches_a_frozen_featurizer_loop(digits, phi_p
         seed=seed,
         head_init=w_init,
     )
-    reference = _frozen_featurizer_loop(model, train, steps, lr, batch_size, seed)
+    reference = frozen_featurizer_loop(model, train, steps, lr, batch_size, seed)
     reference_acc = evaluate_accuracy(reference, splits.id_val)
 
     assert abs(probe.id_val_acc - reference_acc) <= 0.01

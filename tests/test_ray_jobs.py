@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,15 +18,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from local_processes import free_port, stop_group
+
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -40,15 +35,6 @@ def _node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _ray(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -77,7 +63,7 @@ def cluster(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     assert _ray(env, "get-auth-token", "--generate").returncode == 0
     assert (home / ".ray" / "auth_token").is_file()
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     # short temp dirs: Ray's socket paths under them must fit AF_UNIX's 107 bytes
     temp = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))
     nodes = [
@@ -90,8 +76,8 @@ def cluster(tmp_path):
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dashboard}",
                 f"--temp-dir={temp / 'head'}",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
             ],
             env,
             tmp_path / "head.log",
@@ -107,8 +93,8 @@ def cluster(tmp_path):
                     f"--address=127.0.0.1:{gcs}",
                     "--num-cpus=2",
                     f"--temp-dir={temp / 'worker'}",
-                    f"--dashboard-agent-listen-port={_free_port()}",
-                    f"--metrics-export-port={_free_port()}",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--metrics-export-port={free_port()}",
                 ],
                 env,
                 tmp_path / "worker.log",
@@ -117,7 +103,7 @@ def cluster(tmp_path):
         yield env, f"http://127.0.0.1:{dashboard}", home
     finally:
         for node in reversed(nodes):
-            _stop(node)
+            stop_group(node)
         shutil.rmtree(temp, ignore_errors=True)
 
 

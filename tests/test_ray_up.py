@@ -37,7 +37,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from local_processes import free_port, stop_group
 
 # ray up (a venv install), the quickstart and ray down: 4 to 5 min on a busy 2-core machine
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -68,22 +69,6 @@ class Node:
     key: Path
     home: Path  # the node's home folder, as seen from this host
     sshd_pid: int  # sshd's PID on this host (PID 1 in the node's namespace)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 def _sshd_config(root: Path, address: str) -> str:
@@ -187,7 +172,7 @@ def node(tmp_path):
         children = Path(f"/proc/{sshd.pid}/task/{sshd.pid}/children").read_text().split()
         yield Node(address, root / "user_key", home, int(children[0]))
     finally:
-        _stop_group(sshd)  # sshd is PID 1 of the namespace: whatever Ray left there ends too
+        stop_group(sshd)  # sshd is PID 1 of the namespace: whatever Ray left there ends too
 
 
 def _ray_processes_of(node: Node) -> list[str]:
@@ -209,11 +194,11 @@ def _test_config(node: Node, path: Path) -> str:
     config["provider"].update(head_ip=node.address, worker_ips=[])
     config["auth"] = {"ssh_user": "root", "ssh_private_key": str(node.key)}
     ports = {
-        "--port": _free_port(),
-        "--dashboard-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-        "--ray-client-server-port": _free_port(),
+        "--port": free_port(),
+        "--dashboard-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--ray-client-server-port": free_port(),
     }
     flags = " ".join(f"{flag}={port}" for flag, port in ports.items())
     flags += " --num-cpus=2 --object-store-memory=200000000"
