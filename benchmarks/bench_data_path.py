@@ -103,10 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = per core)")
     parser.add_argument("--device", default="cpu", help="where the decoded path augments")
     parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
-    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
-    if args.cuda_only:
-        return
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpegs(Path(tmp) / "data", args.images, args.source_size)

@@ -60,10 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blas-threads", type=int, default=1, help="0: BLAS's own default")
     parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
-    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
-    if args.cuda_only:
-        return
     if args.blas_threads:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
 

@@ -98,10 +98,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="steps 25 and 100")
-    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
-    if args.cuda_only:
-        return
     steps = (25, 100) if args.quick else tuple(args.steps)
     # The cached route's per-step cost is a few ms: fitted over 100 vs 25 steps it drowns in
     # the noise of the fixed cost, so its second count is 10x the larger one (seconds).

@@ -85,10 +85,7 @@ def main() -> None:
     )
     parser.add_argument("--slots", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
-    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
-    if args.cuda_only:
-        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ratio, busy, makespan = packing(args.trials, args.steps, args.slots)
     print(

@@ -123,10 +123,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--models", type=int, default=40, help="M of P2, P3 (vs 5) and P4")
     parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
-    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
-    if args.cuda_only:
-        return
     small = 5
     with tempfile.TemporaryDirectory(prefix="bench_soups_") as tmp:
         folder = Path(tmp)

@@ -176,10 +176,7 @@ def main() -> None:
         "--flat-out-reports", type=int, default=4, help="per trial per block, back to back"
     )
     parser.add_argument("--quick", action="store_true", help="(the default sizes already are)")
-    parser.add_argument("--cuda-only", action="store_true", help="no CUDA figure here: nothing")
     args = parser.parse_args()
-    if args.cuda_only:
-        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the pipeline's output engine
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")

@@ -3,7 +3,8 @@
 Convention (a new script joins by following it, nothing to register here): a file
 ``benchmarks/bench_*.py`` that declares a module-level ``FIGURES = {"P2": "cpu", "P10": "cuda"}``
 and whose command line accepts ``--quick`` (sizes that keep the whole run under 15 minutes on
-2 cores) and ``--cuda-only`` (print only its CUDA figures). It prints each figure on one line,
+2 cores) and, if it declares a CUDA figure, ``--cuda-only`` (print only its CUDA figures;
+``--cuda-only`` runs only such scripts). It prints each figure on one line,
 ``P<k> <what>: <value> <details>``, both sides measured in that same run. Each script runs in
 its own process, so that one crash, one leaked thread pool or one peak of memory does not touch
 the others; a script that fails or omits a figure it declared gets ``P<k> FAILED: <reason>``
