@@ -13,7 +13,7 @@ CPU; on GPU see ``torch.use_deterministic_algorithms``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, get_args
 
 import torch
@@ -136,16 +136,39 @@ class InfiniteLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.dataset)  # type: ignore[arg-type]
         batches = _EndlessBatches(n, self.batch_size, self.seed, self.sampling)
-        loader = DataLoader(
+        loader = endless_loader(
             _SeededItems(self.dataset),
-            batch_sampler=batches,
+            batches,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            # DataLoader draws its workers' base seed from this generator; without one it
-            # would draw from (and advance) the global RNG.
-            generator=torch.Generator().manual_seed(seed_hash("InfiniteLoader.workers", self.seed)),
+            workers_seed=seed_hash("InfiniteLoader.workers", self.seed),
         )
         return iter(loader)
+
+
+def endless_loader(
+    items: Dataset,
+    batches: _EndlessBatches,
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    workers_seed: int,
+    collate_fn: Callable | None = None,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """The DataLoader of an endless seeded stream: ``items`` are indexed by ``batches``'
+    ``(index, item_seed)`` keys, so the batches do not depend on the workers."""
+    return DataLoader(
+        items,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers,
+        # DataLoader draws its workers' base seed from this generator; without one it would
+        # draw from (and advance) the global RNG. Items never read it: they carry their seeds.
+        generator=torch.Generator().manual_seed(workers_seed),
+    )
 
 
 def check_batch_size(batch_size: int) -> None:

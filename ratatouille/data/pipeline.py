@@ -39,6 +39,7 @@ from ratatouille.data.loaders import (
     _EndlessBatches,
     _SeededItems,
     check_batch_size,
+    endless_loader,
     eval_loader,
     sampling_of,
 )
@@ -154,16 +155,14 @@ class TrainStream:
         InfiniteLoader.check(n, batch_size, num_workers)
         self._stored = view is not None
         self._batches = _EndlessBatches(n, batch_size, 0, sampling_of(dataset))
-        self._loader = DataLoader(
+        self._loader = endless_loader(
             items,
-            batch_sampler=self._batches,
+            self._batches,
             num_workers=num_workers,
-            collate_fn=collate,
             pin_memory=self.device.type == "cuda",
+            workers_seed=seed_hash("TrainStream.workers", n),
+            collate_fn=collate,
             persistent_workers=num_workers > 0,
-            # DataLoader draws its workers' base seed from this generator; without one it would
-            # draw from (and advance) the global RNG. Items never read it: they carry seeds.
-            generator=torch.Generator().manual_seed(seed_hash("TrainStream.workers", n)),
         )
 
     def restart(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
