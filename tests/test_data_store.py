@@ -151,7 +151,7 @@ def test_store_is_built_once_when_processes_ask_concurrently(tmp_path, monkeypat
     assert sorted(built for built, _, _ in outcomes) == [False, False, True]
     expected = torch.cat(
         [torch.stack([_resized(path, 24) for path, _ in samples]) for samples in _samples(root)]
-    )
+    ).permute(0, 2, 3, 1)  # the store's layout: N x S x S x 3
     for _, _, pixels in outcomes:
         got = np.frombuffer(pixels, np.uint8).reshape(expected.shape)
         assert np.array_equal(got, expected.numpy())

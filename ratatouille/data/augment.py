@@ -30,6 +30,8 @@ from ratatouille.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 CROP_SCALE = (0.7, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 JITTER = 0.3  # brightness, contrast, saturation and hue
+# torchvision takes the log of the ratio bounds in float32: the same bounds, hence the same draws.
+_LOG_RATIO = tuple(float(v) for v in torch.log(torch.tensor(CROP_RATIO)))
 GRAYSCALE_P = 0.1
 FLIP_P = 0.5
 # ITU-R 601-2 luma, PIL's "L" conversion (torchvision's rgb_to_grayscale uses the same).
@@ -58,10 +60,9 @@ def _uniform(low: float, high: float, gen: torch.Generator) -> float:
 def _crop_params(size: int, gen: torch.Generator) -> tuple[int, int, int, int]:
     """RandomResizedCrop.get_params on a size x size image, same draws in the same order."""
     area = size * size
-    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    low, high = _LOG_RATIO
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(*CROP_SCALE, generator=gen).item()
-        low, high = float(log_ratio[0]), float(log_ratio[1])
         aspect = math.exp(torch.empty(1).uniform_(low, high, generator=gen).item())
         w = round(math.sqrt(target_area * aspect))
         h = round(math.sqrt(target_area / aspect))
@@ -135,41 +136,56 @@ def _brightness_(x: Tensor, f: Factor) -> None:  # blend with black
 
 def _contrast_(x: Tensor, f: Factor) -> None:  # blend with the image's mean grey level
     r, g, b = x.mean(dim=(-2, -1)).unbind(-1)  # the grey mean is the luma of channel means
-    mean = (r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2])[..., None, None, None]
+    mean: Tensor | float
+    if isinstance(f, Tensor):
+        mean = (r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2])[..., None, None, None]
+    else:  # one image on the CPU: a number, not five ops on one-element tensors
+        mean = float(r) * _LUMA[0] + float(g) * _LUMA[1] + float(b) * _LUMA[2]
     x.mul_(f).add_(mean * (1 - f)).clamp_(0, 1)
 
 
 def _saturation_(x: Tensor, f: Factor) -> None:  # blend with the image's own greyscale
-    grey = _luma(x).mul_(1 - f)
-    x.mul_(f).add_(grey).clamp_(0, 1)
+    x.lerp_(_luma(x).expand_as(x), 1 - f).clamp_(0, 1)
 
 
 def _hue_(x: Tensor, f: Factor) -> None:
     """Rotate the HSV hue by ``f`` turns, keeping value (max) and chroma (max - min).
 
-    Written without bool tensors, ``where``, ``heaviside`` or per-channel ``remainder`` (each
-    several times slower than float arithmetic on the CPU): ``floor(c - max + 1)`` is 1 where
-    channel c is the largest, 0 elsewhere (values are in [0, 1]).
+    Written without bool tensors, ``where``, ``heaviside`` or ``remainder`` (each several times
+    slower than float arithmetic on the CPU, where every op costs a pass over the image):
+    comparisons write floats (1 where a channel is the largest), and the output is one
+    broadcast over the three channels.
     """
     r, g, b = x.unbind(-3)
-    top = torch.maximum(torch.maximum(r, g), b)
-    low = torch.minimum(torch.minimum(r, g), b)
+    top = torch.maximum(r, g)
+    torch.maximum(top, b, out=top)
+    low = torch.minimum(r, g)
+    torch.minimum(low, b, out=low)
     chroma = top - low
-    is_r = (r - top).add_(1).floor_()  # r wins ties, then g
-    is_g = (g - top).add_(1).floor_().mul_(1 - is_r)
-    is_b = (1 - is_r).sub_(is_g)
+    is_r = torch.ge(r, top, out=torch.empty_like(r))
+    not_r = 1 - is_r
+    is_g = torch.ge(g, top, out=torch.empty_like(g)).mul_(not_r)  # r wins ties, then g
+    is_b = not_r.sub_(is_g)
     # The hexcone hue times chroma: (g - b) when r is largest, (b - r) + 2C for g, (r - g) + 4C
     # for b; then the hue in sextants, rotated by 6 f and wrapped into [0, 6).
     h6 = (g - b).mul_(is_r)
-    h6.add_((b - r).add_(chroma, alpha=2).mul_(is_g))
-    h6.add_((r - g).add_(chroma, alpha=4).mul_(is_b))
+    part = torch.sub(b, r).add_(chroma, alpha=2)
+    h6.addcmul_(part, is_g)
+    torch.sub(r, g, out=part).add_(chroma, alpha=4)
+    h6.addcmul_(part, is_b)
     h6.div_(chroma.clamp_min(1e-12)).add_(_per_image(f) * 6)
-    h6.sub_(torch.floor(h6 / 6).mul_(6))
-    # A fully saturated colour of hue h6 has R = clamp(|h6 - 3| - 1), G = clamp(2 - |h6 - 2|),
-    # B = clamp(2 - |h6 - 4|) (each clamped to [0, 1]); scaled into [min, max].
-    torch.add(low, (h6 - 3).abs_().sub_(1).clamp_(0, 1).mul_(chroma), out=r)
-    torch.add(low, (h6 - 2).abs_().neg_().add_(2).clamp_(0, 1).mul_(chroma), out=g)
-    torch.add(low, (h6 - 4).abs_().neg_().add_(2).clamp_(0, 1).mul_(chroma), out=b)
+    h6.sub_(torch.div(h6, 6).floor_().mul_(6))
+    # A fully saturated colour of hue h6 has G = clamp(2 - |h6 - 2|), B = clamp(2 - |h6 - 4|)
+    # and R = clamp(|h6 - 3| - 1) = 1 - clamp(2 - |h6 - 3|) (clamps to [0, 1]; |h6 - 3| <= 3);
+    # scaled into [min, max].
+    level = (h6.unsqueeze(-3) - _hue_centres(x.device, x.dtype)).abs_().neg_().add_(2)
+    level.clamp_(0, 1).select(-3, 0).neg_().add_(1)
+    torch.addcmul(low.unsqueeze(-3), chroma.unsqueeze(-3), level, out=x)
+
+
+@functools.cache
+def _hue_centres(device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.tensor([3.0, 2.0, 4.0], dtype=dtype).view(3, 1, 1).to(device)
 
 
 def _per_image(f: Factor) -> Factor:
@@ -219,7 +235,8 @@ def _augment_batched(images: Tensor, params: AugmentParams, out: int) -> Tensor:
 
 def _augment_items(images: Tensor, params: AugmentParams, out: int) -> Tensor:
     """Item by item, in place, on cache-sized images (CPU): no sub-batch copies. The crop is
-    resized in uint8 (rounded, as PIL does) by torch's antialiased bilinear kernel."""
+    resized in uint8 (rounded, as PIL does) by torch's antialiased bilinear kernel, fastest on
+    channels-last input (the store's layout)."""
     x = torch.empty(len(images), 3, out, out, dtype=torch.float32)
     crops, flips, grays = params.crop.tolist(), params.flip.tolist(), params.gray.tolist()
     orders, factors = params.order.tolist(), params.factors.tolist()
@@ -228,7 +245,7 @@ def _augment_items(images: Tensor, params: AugmentParams, out: int) -> Tensor:
         if (h, w) != (out, out):
             patch = F.interpolate(patch, size=(out, out), mode="bilinear", antialias=True)
         image = x[i]
-        image.copy_(patch[0].flip(-1) if flips[i] else patch[0]).div_(255.0)
+        torch.mul(patch[0].flip(-1) if flips[i] else patch[0], 1 / 255.0, out=image)
         for op in orders[i]:
             _COLOUR_OPS[op](image, factors[i][op])
         if grays[i]:

@@ -65,9 +65,10 @@ class StoredDomain(FileDomain):
             raise DataError(f"decoded store {store.path} does not match domain {domain}")
 
     def rows(self, indices: Sequence[int]) -> Tensor:
-        """uint8 images ``len(indices) x 3 x S x S`` (a copy out of the memory map)."""
+        """uint8 images ``len(indices) x 3 x S x S`` (a copy out of the memory map), in the
+        store's channels-last memory format."""
         rows = [self.start + int(i) for i in indices]
-        return torch.from_numpy(self.store.images[rows])
+        return torch.from_numpy(self.store.images[rows]).permute(0, 3, 1, 2)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         images = self.rows([index])

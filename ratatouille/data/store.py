@@ -2,9 +2,12 @@
 
 Layout of ``<cache_dir>/<Dataset>-s<S>-<key>.u8``: a 4096-byte header (a magic line, then JSON:
 the key, the item count, S, each domain's first row, the payload's CRC-32) followed by the
-payload, a C-order uint8 array ``N x 3 x S x S`` holding every domain's images in the dataset's
-sample order, each image the eval transform's ``Resize((S, S))`` of the file. Trials memory-map
-it read-only: every trial on the node shares the page cache, and nothing is decoded again.
+payload, a C-order uint8 array ``N x S x S x 3`` (height, width, channel: PIL's own layout)
+holding every domain's images in the dataset's sample order, each image the eval transform's
+``Resize((S, S))`` of the file. Trials memory-map it read-only: every trial on the node shares
+the page cache, and nothing is decoded again. Channels last because the CPU augmentation's
+uint8 resize runs on channels-last pixels: an image stored channels first paid a transposing
+copy on the way in and out of every resize, which cost as much as the resize itself.
 
 The key hashes the dataset's name, S, the format version and, per item, its path relative to
 the dataset folder, its label, its file size and its modification time: a changed folder gets a
@@ -37,7 +40,7 @@ from ratatouille.data.base import DataError, load_rgb
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: channels last (1 stored N x 3 x S x S)
 HEADER_BYTES = 4096
 MAGIC = b"ratatouille-decoded-store\n"
 CACHE_ENV = "RATATOUILLE_CACHE_DIR"
@@ -92,7 +95,7 @@ class DecodedStore:
     @property
     def images(self) -> np.ndarray:
         if self._images is None:
-            shape = (self.count, 3, self.size, self.size)
+            shape = (self.count, self.size, self.size, 3)
             self._images = np.memmap(self.path, np.uint8, "r", HEADER_BYTES, shape)
         return self._images
 
@@ -147,7 +150,7 @@ def read_store(path: Path, key: str, verify: bool = True) -> DecodedStore | None
 
 
 class _Decode(Dataset):
-    """Item i: the file's eval-transform resize as a 3 x S x S uint8 tensor."""
+    """Item i: the file's eval-transform resize as an S x S x 3 uint8 tensor."""
 
     def __init__(self, samples: Samples, size: int) -> None:
         self.samples, self.resize = list(samples), T.Resize((size, size))
@@ -157,7 +160,7 @@ class _Decode(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.resize(load_rgb(self.samples[index][0]))
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
 
 
 def _write(tmp: Path, key: str, domains: Sequence[Samples], size: int, workers: int) -> None:
@@ -166,7 +169,7 @@ def _write(tmp: Path, key: str, domains: Sequence[Samples], size: int, workers: 
     nbytes = _payload_bytes(len(flat), size)
     with open(tmp, "wb") as handle:
         handle.truncate(HEADER_BYTES + nbytes)
-    rows = np.memmap(tmp, np.uint8, "r+", HEADER_BYTES, (len(flat), 3, size, size))
+    rows = np.memmap(tmp, np.uint8, "r+", HEADER_BYTES, (len(flat), size, size, 3))
     loader = DataLoader(_Decode(flat, size), batch_size=64, num_workers=workers)
     start = 0
     for batch in loader:
