@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -19,7 +20,9 @@ from ratatouille.data import (
     PACS,
     DataError,
     InfiniteLoader,
+    StepStream,
     StoredDomain,
+    TrainStream,
     eval_batches,
     get_dataset,
     target_splits,
@@ -27,8 +30,15 @@ from ratatouille.data import (
 )
 from ratatouille.data import augment as augment_module
 from ratatouille.data import store as store_module
-from ratatouille.data.augment import CROP_RATIO, CROP_SCALE, augment_batch, draw_params
+from ratatouille.data.augment import (
+    CROP_RATIO,
+    CROP_SCALE,
+    AugmentParams,
+    augment_batch,
+    draw_params,
+)
 from ratatouille.data.identity import input_record
+from ratatouille.data.pipeline import prefetched
 from ratatouille.data.transforms import domainbed_train_transform
 from ratatouille.engine.models import build_classifier
 from ratatouille.engine.train import FineTuneConfig, fine_tune
@@ -315,6 +325,91 @@ def test_decoded_batches_are_a_pure_function_of_the_seed(tmp_path: Path) -> None
     labels = torch.cat([y for _, y in serial[:5]]).tolist()
     expected = [decoded.domain(1, train=True).samples[i][1] for i in (5, 0, 3, 2, 1)]
     assert sorted(labels[:5]) == sorted(expected)
+
+
+def test_a_step_batch_is_every_domains_batch_concatenated(tmp_path: Path) -> None:
+    """StepStream augments the decoded domains in one call: the same values as each domain's
+    own stream, concatenated in domain order; on the PIL path, the same concatenation."""
+    root = _write_pacs(tmp_path / "data", per_class=3)
+    decoded = _decoded(root, tmp_path / "cache")
+    pil = PACS(root, image_size=24)
+    for dataset in (decoded, pil):
+        domains = [dataset.domain(d, train=True) for d in (0, 2, 3)]
+        seeds = [11, 12, 13]
+        steps = StepStream([TrainStream(d, 4) for d in domains], "cpu").restart(seeds)
+        joint = _take(steps, 4)
+        alone = [_take(train_batches(d, 4, seed=s), 4) for d, s in zip(domains, seeds)]
+        for k, (x, y) in enumerate(joint):
+            assert x.shape == (12, 3, 24, 24)
+            assert torch.equal(x, torch.cat([batches[k][0] for batches in alone]))
+            assert torch.equal(y, torch.cat([batches[k][1] for batches in alone]))
+    # A restart re-seeds every domain: the first step again, without new worker processes.
+    streams = StepStream([TrainStream(decoded.domain(d, train=True), 4) for d in (0, 1)], "cpu")
+    first = next(streams.restart([5, 6]))
+    _take(streams.restart([7, 8]), 3)
+    again = next(streams.restart([5, 6]))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    with pytest.raises(ValueError, match="3 seeds for 2 training domains"):
+        streams.restart([1, 2, 3])
+
+
+def test_augment_params_of_several_batches_are_their_items_in_order() -> None:
+    a, b = draw_params([1, 2, 3], 24), draw_params([4, 5], 24)
+    joined = AugmentParams.cat([a, b])
+    expected = draw_params([1, 2, 3, 4, 5], 24)
+    assert len(joined) == 5
+    for name in ("crop", "flip", "order", "factors", "gray"):
+        assert torch.equal(getattr(joined, name), getattr(expected, name)), name
+
+
+def test_prefetch_prepares_the_next_batch_on_the_side_after_handing_over_the_current() -> None:
+    """The CUDA order, with a recording stand-in for the side stream: batch k + 1 is made
+    inside the side context, after batch k is handed over (the consumer's stream then waits
+    only for batch k's work) and before batch k reaches the consumer."""
+    events: list[str] = []
+    made = iter(range(3))
+
+    def produce() -> int:
+        k = next(made)  # StopIteration after 3 batches ends the stream
+        events.append(f"make {k}{' on side' if side_open else ''}")
+        return k
+
+    side_open = False
+
+    @contextlib.contextmanager
+    def on_side():
+        nonlocal side_open
+        side_open = True
+        yield
+        side_open = False
+
+    got = []
+    for batch in prefetched(produce, on_side, lambda k: events.append(f"hand over {k}")):
+        events.append(f"use {batch}")
+        got.append(batch)
+    assert got == [0, 1, 2]
+    assert events == [
+        "make 0 on side",
+        "hand over 0",
+        "make 1 on side",
+        "use 0",
+        "hand over 1",
+        "make 2 on side",
+        "use 1",
+        "hand over 2",
+        "use 2",
+    ]
+
+
+def test_the_store_holds_channels_last_rows(tmp_path: Path) -> None:
+    root = _write_pacs(tmp_path / "data", per_class=1, size=(30, 20))
+    store = _decoded(root, tmp_path / "cache").store()
+    assert store.images.shape == (store.count, 24, 24, 3)
+    domain = _decoded(root, tmp_path / "cache").domain(0, train=False)
+    rows = domain.rows([0, 1])
+    assert rows.shape == (2, 3, 24, 24) and rows.is_contiguous(memory_format=torch.channels_last)
+    path = domain.samples[1][0]
+    assert torch.equal(rows[1], _resized(path, 24))
 
 
 def test_training_runs_end_to_end_on_the_decoded_path_and_resumes_exactly(tmp_path) -> None:

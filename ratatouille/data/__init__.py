@@ -35,7 +35,13 @@ from ratatouille.data.domainbed import (
     TerraIncognita,
 )
 from ratatouille.data.loaders import InfiniteLoader, eval_loader
-from ratatouille.data.pipeline import StoredDomain, TrainStream, eval_batches, train_batches
+from ratatouille.data.pipeline import (
+    StepStream,
+    StoredDomain,
+    TrainStream,
+    eval_batches,
+    train_batches,
+)
 from ratatouille.data.splits import (
     TaskSplits,
     auxiliary_splits,
@@ -101,6 +107,7 @@ __all__ = [
     "MultiDomainDataset",
     "OfficeHome",
     "Pipeline",
+    "StepStream",
     "StoreError",
     "StoredDomain",
     "TaskSplits",

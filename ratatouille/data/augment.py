@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,11 @@ class AugmentParams:
 
     def __len__(self) -> int:
         return len(self.flip)
+
+    @classmethod
+    def cat(cls, parts: list[AugmentParams]) -> AugmentParams:
+        """The parameters of the batches' items, batch after batch."""
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
 
 def _uniform(low: float, high: float, gen: torch.Generator) -> float:

@@ -17,8 +17,9 @@ device up to floating-point rounding (the parameters are drawn on the CPU).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -168,19 +169,129 @@ class TrainStream:
 
     def restart(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The endless batches of ``seed`` from their first one; the previous stream ends."""
-        self._batches.seed = int(seed)
-        return self._stream(iter(self._loader))
+        return (_finish(batch) for batch in self.restart_staged(seed))
 
-    def _stream(self, batches: Iterator) -> Iterator[tuple[Tensor, Tensor]]:
+    def restart_staged(self, seed: int) -> Iterator[Staged]:
+        """As :meth:`restart`, each batch on the device but not yet augmented (see
+        :class:`Staged`): :class:`StepStream` augments every domain's batch in one call."""
+        self._batches.seed = int(seed)
+        return self._staged(iter(self._loader))
+
+    def _staged(self, batches: Iterator) -> Iterator[Staged]:
         device = self.device
         if not self._stored:
             for x, y in batches:
-                yield _on(device, x), _on(device, torch.as_tensor(y).long())
+                yield Staged(_on(device, x), _on(device, torch.as_tensor(y).long()))
             return
         for images, labels, params in batches:
             images = _on(device, images)
-            x = eval_batch(images) if params is None else augment_batch(images, params)
-            yield x, _on(device, labels)
+            if params is None:
+                yield Staged(eval_batch(images), _on(device, labels))
+            else:
+                yield Staged(images, _on(device, labels), params)
+
+
+class Staged(NamedTuple):
+    """One domain's batch on the device: ``x`` final (PIL path, evaluation), or the stored
+    uint8 images still to augment with ``params`` (decoded training)."""
+
+    x: Tensor
+    y: Tensor
+    params: AugmentParams | None = None
+
+
+def _finish(batch: Staged) -> tuple[Tensor, Tensor]:
+    if batch.params is None:
+        return batch.x, batch.y
+    return augment_batch(batch.x, batch.params), batch.y
+
+
+def _joint(parts: Sequence[Staged]) -> tuple[Tensor, Tensor]:
+    """The step's batch: every domain's batch concatenated in domain order. Decoded domains
+    (they share one store, hence one image size) are augmented in one call: one set of kernels
+    per step instead of one per domain, the same values (the ops act per image)."""
+    y = torch.cat([part.y for part in parts])
+    shapes = {part.x.shape[1:] for part in parts}
+    if len(shapes) == 1 and all(part.params is not None for part in parts):
+        params = AugmentParams.cat([part.params for part in parts if part.params is not None])
+        return augment_batch(torch.cat([part.x for part in parts]), params), y
+    return torch.cat([_finish(part)[0] for part in parts]), y
+
+
+class StepStream:
+    """The batches of a training step, one per domain concatenated, from the domains'
+    :class:`TrainStream` (which keep their worker processes between restarts).
+
+    On CUDA the next step's batch is prepared one step ahead on a side stream: its copies and
+    augmentation overlap the current step's forward and backward on the default stream instead
+    of preceding them. The batches are the same as without it: the items carry their seeds.
+    """
+
+    def __init__(self, streams: Sequence[TrainStream], device: str | torch.device) -> None:
+        self.streams, self.device = list(streams), torch.device(device)
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def restart(self, seeds: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
+        """Every domain's stream restarted at its seed; endless ``(x, y)`` on the device."""
+        if len(seeds) != len(self.streams):
+            raise ValueError(f"{len(seeds)} seeds for {len(self.streams)} training domains")
+        staged = [stream.restart_staged(seed) for stream, seed in zip(self.streams, seeds)]
+
+        def produce() -> tuple[Tensor, Tensor]:
+            return _joint([next(domain) for domain in staged])
+
+        if self._side is None:
+            return _each(produce)
+        side, current = self._side, torch.cuda.current_stream(self.device)
+
+        def produce_channels_last() -> tuple[Tensor, Tensor]:
+            x, y = produce()  # the model's input format on CUDA (the trainer's)
+            return x.contiguous(memory_format=torch.channels_last), y
+
+        def hand_over(batch: tuple[Tensor, Tensor]) -> None:
+            current.wait_stream(side)  # the batch's copies and kernels precede its use
+            for tensor in batch:  # made on the side stream, used and freed on the current one
+                tensor.record_stream(current)
+
+        return prefetched(produce_channels_last, lambda: torch.cuda.stream(side), hand_over)
+
+
+Batch = TypeVar("Batch")
+
+
+def _each(produce: Callable[[], Batch]) -> Iterator[Batch]:
+    try:
+        while True:
+            yield produce()
+    except StopIteration:
+        return
+
+
+def prefetched(
+    produce: Callable[[], Batch],
+    on_side: Callable[[], AbstractContextManager],
+    hand_over: Callable[[Batch], None],
+) -> Iterator[Batch]:
+    """``produce()``'s batches, each made one ahead: batch k + 1 is produced inside
+    ``on_side()`` (a side CUDA stream) after batch k is handed over (the consumer's stream
+    waits for the side stream's work so far, which is batch k's) and before batch k is
+    returned, so its work overlaps the consumer's work on batch k. Ends when ``produce``
+    raises StopIteration."""
+    try:
+        with on_side():
+            ahead = produce()
+    except StopIteration:
+        return
+    while True:
+        hand_over(ahead)
+        batch = ahead
+        try:
+            with on_side():
+                ahead = produce()
+        except StopIteration:
+            yield batch  # the last one
+            return
+        yield batch
 
 
 def train_batches(
@@ -226,4 +337,13 @@ def eval_batches(
         yield eval_batch(_on(device, images)), labels
 
 
-__all__ = ["AugmentParams", "StoredDomain", "eval_batches", "stored_view", "train_batches"]
+__all__ = [
+    "AugmentParams",
+    "StepStream",
+    "StoredDomain",
+    "TrainStream",
+    "eval_batches",
+    "prefetched",
+    "stored_view",
+    "train_batches",
+]

@@ -27,7 +27,10 @@ first step after every checkpoint (seed ``loader_seed(seed, domain, step)``); it
 processes live for the whole run. A snapshot taken at a checkpoint therefore needs no loader
 position, and a resumed run draws exactly the batches an uninterrupted run draws. The split's
 ``data.sampling`` says how indices are drawn: seeded permutations (restarted every
-``checkpoint_freq`` steps, as uniform) or with replacement, as DomainBed.
+``checkpoint_freq`` steps, as uniform) or with replacement, as DomainBed. A ``StepStream``
+joins the domains' batches (decoded ones augmented in one call) and, on CUDA, prepares the
+next step's batch on a side stream while the current step runs; the batch prepared past a
+checkpoint is dropped, since the streams are re-seeded there.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from torch.utils.data import Dataset
 
 from ratatouille.core.names import MetricKey
 from ratatouille.core.seeding import seed_hash
-from ratatouille.data import TrainStream, eval_batches
+from ratatouille.data import StepStream, TrainStream, eval_batches
 from ratatouille.engine.models import Classifier
 
 #: model.precision: bf16 autocast of forward passes on CUDA, or fp32 (the reference's)
@@ -376,8 +379,8 @@ class _FineTuning:
         self.ma = _MovingAverage() if cfg.moving_average else None
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_phase: str | None = None
-        self.batches: list[Iterator] | None = None
-        self.streams: list[TrainStream] | None = None  # opened at the first step
+        self.batches: Iterator[tuple[Tensor, Tensor]] | None = None
+        self.streams: StepStream | None = None  # opened at the first step
         self.trainable = {n: p.requires_grad for n, p in model.featurizer.named_parameters()}
 
     def phase(self, step: int) -> str:
@@ -400,29 +403,26 @@ class _FineTuning:
         for name, param in self.model.featurizer.named_parameters():
             param.requires_grad_(self.trainable[name] and not frozen)
 
-    def open_loaders(self, step: int) -> list[Iterator]:
+    def open_loaders(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Every domain's stream re-seeded for ``step``; loader workers live for the whole run."""
         if self.streams is None:
-            self.streams = [
+            domains = [
                 TrainStream(
                     d, self.cfg.batch_size, device=self.device, num_workers=self.cfg.num_workers
                 )
                 for d in self.train
             ]
-        return [
-            stream.restart(loader_seed(self.cfg.seed, i, step))
-            for i, stream in enumerate(self.streams)
-        ]
+            self.streams = StepStream(domains, self.device)
+        return self.streams.restart(
+            [loader_seed(self.cfg.seed, i, step) for i in range(len(self.train))]
+        )
 
     def train_step(self, step: int) -> None:
         if self.batches is None:  # first step after a checkpoint (or of the run): re-seed
             self.batches = self.open_loaders(step)
         if self.optimizer_phase != self.phase(step):
             self.enter_phase(self.phase(step))
-        xs, ys = zip(*(next(batches) for batches in self.batches))  # already on the device
-        x, y = torch.cat(xs), torch.cat(ys)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = next(self.batches)  # every domain's batch, on the device (channels last on CUDA)
         with autocast_for(self.device, self.cfg.precision):
             loss = F.cross_entropy(self.forward(x), y)
         assert self.optimizer is not None, "enter_phase() opens the optimizer before any step"
