@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ratatouille.core.errors import UserError
 from ratatouille.engine.models import build_classifier
-from ratatouille.engine.train import autocast_for
+from ratatouille.engine.train import FUSED_ADAM_DEVICES, autocast_for
 
 EVAL_BATCH = 64  # predict_logits' batch in the reducer and the trainer's evaluations
 
@@ -82,8 +82,12 @@ def measure_throughput(
     step, and evaluation images/s, on ``device``."""
     device = torch.device(device)
     model = build_classifier(arch, num_classes, seed=0).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    fused = device.type in FUSED_ADAM_DEVICES
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=fused)  # as fine_tune's
     x = torch.randn(batch, 3, image_size, image_size, device=device)
+    if device.type == "cuda":  # fine_tune's model and inputs on CUDA
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device)
 
     def train_step() -> None:

@@ -171,6 +171,12 @@ class TrainingDiverged(RuntimeError):
         return type(self), (self.step, self.loss, self.lr)
 
 
+# Adam's fused kernel: one pass over each parameter instead of about ten ops per tensor (on a
+# ResNet-18 on 2 CPU cores, 3.8 ms a step instead of 20; on CUDA, a few kernels instead of one
+# per op and tensor group). The same update, rounded differently.
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
 def loader_seed(seed: int, domain: int, start_step: int) -> int:
     """Seed of domain ``domain``'s batch stream from ``start_step`` on (see module docstring)."""
     return seed_hash("train_loader", seed, domain, start_step)
@@ -394,6 +400,7 @@ class _FineTuning:
             [p for p in params if p.requires_grad],
             lr=self.cfg.lr,
             weight_decay=self.cfg.weight_decay,
+            fused=self.device.type in FUSED_ADAM_DEVICES,
         )
         if optimizer_state is not None:
             self.optimizer.load_state_dict(dict(optimizer_state))
