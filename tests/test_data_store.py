@@ -401,6 +401,57 @@ def test_prefetch_prepares_the_next_batch_on_the_side_after_handing_over_the_cur
     ]
 
 
+def test_step_streams_cuda_branch_hands_over_each_batch_before_returning_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StepStream's CUDA wiring run on the CPU with recording stand-ins for CUDA's streams:
+    the same batches as without prefetching, channels last, and each batch handed over (the
+    default stream waits on the side one, its tensors recorded on the default stream) before
+    the trainer gets it, while the next batch is made inside the side stream's context."""
+    events: list[str] = []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait_stream(self, other: Stream) -> None:
+            events.append(f"{self.name} waits for {other.name}")
+
+    side, current = Stream("side"), Stream("default")
+
+    @contextlib.contextmanager
+    def on(stream: Stream):
+        events.append(f"enter {stream.name}")
+        yield
+        events.append(f"leave {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(
+        torch.Tensor, "record_stream", lambda t, s: events.append(f"record on {s.name}")
+    )
+    root = _write_pacs(tmp_path / "data", per_class=3)
+    domains = [_decoded(root, tmp_path / "cache").domain(d, train=True) for d in (0, 1)]
+    steps = StepStream([TrainStream(d, 4) for d in domains], "cpu")
+    steps._side = side  # type: ignore[assignment]  # what __init__ makes on a CUDA device
+    batches = steps.restart([3, 4])
+    first = next(batches)
+    assert events == [
+        "enter side",
+        "leave side",  # batch 0 made
+        "default waits for side",
+        "record on default",  # x
+        "record on default",  # y
+        "enter side",
+        "leave side",  # batch 1 made before batch 0 is returned
+    ]
+    second = next(batches)
+    plain = _take(StepStream([TrainStream(d, 4) for d in domains], "cpu").restart([3, 4]), 2)
+    for (x, y), (x_plain, y_plain) in zip((first, second), plain):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, x_plain) and torch.equal(y, y_plain)
+
+
 def test_the_store_holds_channels_last_rows(tmp_path: Path) -> None:
     root = _write_pacs(tmp_path / "data", per_class=1, size=(30, 20))
     store = _decoded(root, tmp_path / "cache").store()
