@@ -74,9 +74,10 @@ def _bare_loop(arch: str, domains: list[Any], batch: int, steps: int) -> list[fl
     import torch.nn.functional as F
 
     from ratatouille.engine.models import build_classifier
+    from ratatouille.engine.train import adam
 
     model = build_classifier(arch, NUM_CLASSES, seed=0).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=True)  # fine_tune's Adam
+    optimizer = adam(model.parameters(), torch.device("cpu"), lr=1e-5)  # fine_tune's optimizer
     gen = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(steps + 1):
@@ -299,10 +300,11 @@ def _compute_bound_rate(window: int, batch: int) -> float:
     import torch.nn.functional as F
 
     from ratatouille.engine.models import build_classifier
+    from ratatouille.engine.train import adam
 
     model = build_classifier("resnet50", NUM_CLASSES, seed=0).cuda().train()
     model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, fused=True)  # fine_tune's Adam
+    optimizer = adam(model.parameters(), torch.device("cuda"), lr=5e-5)  # fine_tune's optimizer
     n = DOMAINS * batch
     x = torch.randn(n, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (n,), device="cuda")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ratatouille.core.errors import UserError
 from ratatouille.engine.models import build_classifier
-from ratatouille.engine.train import FUSED_ADAM_DEVICES, autocast_for
+from ratatouille.engine.train import adam, autocast_for
 
 EVAL_BATCH = 64  # predict_logits' batch in the reducer and the trainer's evaluations
 
@@ -82,8 +82,7 @@ def measure_throughput(
     step, and evaluation images/s, on ``device``."""
     device = torch.device(device)
     model = build_classifier(arch, num_classes, seed=0).to(device).train()
-    fused = device.type in FUSED_ADAM_DEVICES
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, fused=fused)  # as fine_tune's
+    optimizer = adam(model.parameters(), device, lr=1e-5)
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     if device.type == "cuda":  # fine_tune's model and inputs on CUDA
         model.to(memory_format=torch.channels_last)

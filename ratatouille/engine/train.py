@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal, cast
@@ -175,6 +175,15 @@ class TrainingDiverged(RuntimeError):
 # ResNet-18 on 2 CPU cores, 3.8 ms a step instead of 20; on CUDA, a few kernels instead of one
 # per op and tensor group). The same update, rounded differently.
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def adam(
+    params: Iterable[Tensor], device: torch.device, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Adam:
+    """fine_tune's optimizer: Adam, as its fused kernel on the devices that have one. The
+    throughput and benchmark steps that stand for a trial's step make theirs here too."""
+    fused = torch.device(device).type in FUSED_ADAM_DEVICES
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def loader_seed(seed: int, domain: int, start_step: int) -> int:
@@ -396,11 +405,8 @@ class _FineTuning:
         """'head': featurizer frozen, Adam over ``w`` only; 'all': a fresh Adam over everything."""
         self.restore_trainable(frozen=phase == "head")
         params = self.model.head.parameters() if phase == "head" else self.model.parameters()
-        self.optimizer = torch.optim.Adam(
-            [p for p in params if p.requires_grad],
-            lr=self.cfg.lr,
-            weight_decay=self.cfg.weight_decay,
-            fused=self.device.type in FUSED_ADAM_DEVICES,
+        self.optimizer = adam(
+            [p for p in params if p.requires_grad], self.device, self.cfg.lr, self.cfg.weight_decay
         )
         if optimizer_state is not None:
             self.optimizer.load_state_dict(dict(optimizer_state))
