@@ -18,7 +18,7 @@ import pandas as pd
 from ratatouille.core.arms import arms_where
 from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
-from ratatouille.data import MultiDomainDataset, TaskSplits, target_splits
+from ratatouille.data import MultiDomainDataset, TaskSplits
 from ratatouille.data.identity import input_record
 from ratatouille.engine.models import Classifier, build_classifier, join_state
 from ratatouille.engine.train import predict_logits
@@ -137,13 +137,7 @@ def _cell_data(
     dataset, the cell's splits (as the trials drew them) and a builder of its classifier."""
     context = context_for(config)
     dataset = context.dataset(config.data.dataset)
-    splits = target_splits(
-        dataset,
-        [cell.test_env],
-        cell.split_seed,
-        config.data.holdout_fraction,
-        **context.splits_options(),
-    )
+    splits = context.cell_splits(dataset, cell)
     build = functools.partial(
         build_classifier, config.model.arch, dataset.num_classes, freeze_bn=config.model.freeze_bn
     )

@@ -18,7 +18,13 @@ from torch import Tensor
 
 from ratatouille.core.config import DataConfig, ExperimentConfig
 from ratatouille.core.names import FUSING, PRETRAINED, MetricKey, WeightsFile
-from ratatouille.data import MultiDomainDataset, auxiliary_splits, get_dataset, target_splits
+from ratatouille.data import (
+    MultiDomainDataset,
+    TaskSplits,
+    auxiliary_splits,
+    get_dataset,
+    target_splits,
+)
 from ratatouille.data.identity import input_record
 from ratatouille.engine.models import (
     Classifier,
@@ -38,6 +44,7 @@ from ratatouille.merging.soups import average
 from ratatouille.recipe.specs import (
     AuxProbeSpec,
     AuxSpec,
+    Cell,
     PretrainSpec,
     ProbeSpec,
     TargetSpec,
@@ -105,6 +112,17 @@ class TrialContext:
         """How training batches are drawn and ID val is transformed (data.sampling,
         data.id_val_transform), for target_splits/auxiliary_splits."""
         return {"sampling": self.data.sampling, "id_val_transform": self.data.id_val_transform}
+
+    def cell_splits(self, dataset: MultiDomainDataset, cell: Cell) -> TaskSplits:
+        """A cell's target splits of ``dataset``: the same for its probe, its target runs and
+        the reducer (which re-reads ID val and the test domain as the runs drew them)."""
+        return target_splits(
+            dataset,
+            [cell.test_env],
+            cell.split_seed,
+            self.data.holdout_fraction,
+            **self.splits_options(),
+        )
 
 
 def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
@@ -298,13 +316,7 @@ def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
     cell = spec.cell
     # The probe reads ID-train through the eval transform: features are extracted once.
     dataset = ctx.dataset(ctx.data.dataset, augment=False)
-    splits = target_splits(
-        dataset,
-        [cell.test_env],
-        cell.split_seed,
-        ctx.data.holdout_fraction,
-        **ctx.splits_options(),
-    )
+    splits = ctx.cell_splits(dataset, cell)
     data_input = _data_input(dataset, ctx, cell.split_seed, test_env=cell.test_env)
     _probe_and_report(spec, ctx, reporter, dataset, splits, data_input)
 
@@ -326,13 +338,7 @@ def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
     """theta_i: (w_lp, phi_i) fine-tuned on the target task; best ID-val weights checkpointed."""
     cell = spec.cell
     dataset = ctx.dataset(ctx.data.dataset)
-    splits = target_splits(
-        dataset,
-        [cell.test_env],
-        cell.split_seed,
-        ctx.data.holdout_fraction,
-        **ctx.splits_options(),
-    )
+    splits = ctx.cell_splits(dataset, cell)
     model = _pretrained_classifier(ctx, dataset.num_classes, spec.hparams.dropout, spec.seed)
     phi_init = init_featurizer(spec, ctx)
     if phi_init is not None:
