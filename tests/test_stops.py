@@ -16,7 +16,9 @@ from mlflow import MlflowClient
 from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
-SLOW_TARGET = {"arms": ["soups"], "n_runs": 2, "steps": 100, "checkpoint_freq": 10}
+# Long enough that a target trial is still training when the test looks (at 100 steps, once
+# Adam ran fused, a whole run could finish between two polls).
+SLOW_TARGET = {"arms": ["soups"], "n_runs": 2, "steps": 400, "checkpoint_freq": 10}
 
 
 def _config_file(root: Path, name: str, **sections) -> Path:
@@ -89,7 +91,8 @@ def test_a_stopped_run_leaves_no_run_running_and_resume_finishes_it(tmp_path, st
     assert sorted(r.data.params["run"] for r in targets) == ["0", "1"]
     for run in targets:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "id_val_acc")]
-        assert steps == [*range(0, 100, 10), 99] and run.info.status == "FINISHED"
+        last = SLOW_TARGET["steps"] - 1  # every checkpoint_freq steps, and the last one
+        assert steps == [*range(0, last + 1, 10), last] and run.info.status == "FINISHED"
     assert "soup_uniform" in out
 
 
