@@ -232,7 +232,7 @@ def _augment_batched(images: Tensor, params: AugmentParams, out: int) -> Tensor:
             part_rows = rows[start : start + count]
             part = x.index_select(0, part_rows)
             _COLOUR_OPS[op](part, packed[part_rows, 5 + op].view(-1, 1, 1, 1))
-            x = x.index_copy(0, part_rows, part)
+            x.index_copy_(0, part_rows, part)  # in place: one copy of the group, not the batch
         start += count
     gray = (packed[:, 9] > 0.5).view(-1, 1, 1, 1)
     return torch.where(gray, _luma(x).expand_as(x), x)
