@@ -92,3 +92,18 @@ def test_bad_batch_size_is_refused(batch_size: object) -> None:
 def test_empty_domain_is_refused() -> None:
     with pytest.raises(DataError, match="empty"):
         InfiniteLoader(_noisy_items(0), 4, seed=0)
+
+
+@pytest.mark.parametrize("sampling", ["epochs", "with_replacement"])
+def test_a_reseeded_sampler_is_fresh_streams_cut_where_it_reseeds(sampling) -> None:
+    """The trainer re-seeds at checkpoints inside the sampler: batches 0-2 of seed 4, then,
+    from the 3rd batch, seed 9's first ones, then from the 5th, seed 4's again."""
+    from ratatouille.data.loaders import _EndlessBatches
+
+    def fresh(seed: int, k: int) -> list:
+        return list(itertools.islice(_EndlessBatches(10, 3, seed, sampling), k))
+
+    reseeds = {3: 9, 5: 4}
+    stream = _EndlessBatches(10, 3, 4, sampling, reseeds=reseeds.get)
+    assert list(itertools.islice(stream, 8)) == fresh(4, 3) + fresh(9, 2) + fresh(4, 3)
+    assert fresh(4, 3) != fresh(9, 3)  # the cut is visible

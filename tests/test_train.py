@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from ratatouille.core.config import ConfigError
 from ratatouille.core.names import PRETRAINED
+from ratatouille.data import train_batches
 from ratatouille.engine import train as train_module
 from ratatouille.engine.models import build_classifier, featurizer_state, head_state
 from ratatouille.engine.train import (
@@ -24,6 +25,7 @@ from ratatouille.engine.train import (
     TrainingDiverged,
     evaluate_accuracy,
     fine_tune,
+    loader_seed,
     predict_logits,
 )
 from ratatouille.recipe import stages
@@ -545,3 +547,24 @@ def test_loader_workers_live_for_the_whole_run_and_change_no_batch(tmp_path) -> 
     assert str(__import__("os").getpid()) not in pids
     in_process = fine_tune(_model(), TRAIN[:2], ID_VAL[:2], _cfg(steps=7)).final_state
     assert _equal(with_workers, in_process)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_streams_start_over_after_every_checkpoint_as_a_resumed_run_would(num_workers) -> None:
+    """fine_tune's training inputs, segment by segment: after each snapshot point every domain's
+    batches are a fresh stream of ``loader_seed(seed, domain, step)`` (what a run resumed there
+    draws), although the loaders are never restarted (the sampler re-seeds in place)."""
+    cfg = _cfg(steps=7, seed=3, num_workers=num_workers)  # snapshots 0, 2, 4, 6
+    model = _model()
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].clone()) if module.training else None
+    )
+    fine_tune(model, TRAIN[:2], ID_VAL[:2], cfg)
+    expected = []
+    for start, end in [(0, 1), (1, 3), (3, 5), (5, 7)]:  # the steps after each snapshot point
+        fresh = [train_batches(d, 8, loader_seed(3, i, start)) for i, d in enumerate(TRAIN[:2])]
+        expected += [torch.cat([next(s)[0] for s in fresh]) for _ in range(start, end)]
+    assert len(seen) == 7
+    for step, (got, want) in enumerate(zip(seen, expected)):
+        assert torch.equal(got, want), step

@@ -60,25 +60,53 @@ class _SeededItems(Dataset):
             return self.dataset[index]
 
 
+#: ``reseeds(k)``: the seed a stream starts over with at its ``k``-th batch (``k >= 1``; the
+#: first batch is the stream's own seed's), or None where the stream goes on.
+Reseeds = Callable[[int], int | None]
+
+
 class _EndlessBatches(Sampler[list[tuple[int, int]]]):
     """Batches of ``(index, item_seed)`` cut from successive seeded permutations.
 
     Epochs are concatenated, so every batch is full and no item is ever dropped, even when
     the domain is smaller than a batch (a batch then spans an epoch boundary). With
     ``sampling="with_replacement"`` each batch's indices are drawn uniformly instead.
+    With ``reseeds``, the stream starts over at the batches it names, as a new stream of that
+    seed would: the trainer's re-seeding at checkpoints without restarting the loader (a
+    restart drops the batches its workers prepared and waits for every worker).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, sampling: Sampling = "epochs") -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        sampling: Sampling = "epochs",
+        reseeds: Reseeds | None = None,
+    ) -> None:
         check_sampling(sampling)
         self.n = n
         self.batch_size = batch_size
         self.seed = seed
         self.sampling = sampling
+        self.reseeds = reseeds
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        gen = torch.Generator().manual_seed(seed_hash("InfiniteLoader", self.seed))
+        reseeds, batches, position = self.reseeds, self._stream(self.seed), 0
+        while True:
+            yield next(batches)
+            position += 1
+            seed = None if reseeds is None else reseeds(position)
+            if seed is not None:
+                batches = self._stream(seed)
+
+    def _stream(self, seed: int) -> Iterator[list[tuple[int, int]]]:
+        gen = torch.Generator().manual_seed(seed_hash("InfiniteLoader", seed))
         if self.sampling == "with_replacement":
-            yield from self._with_replacement(gen)
+            return self._with_replacement(gen)
+        return self._epochs(gen)
+
+    def _epochs(self, gen: torch.Generator) -> Iterator[list[tuple[int, int]]]:
         pending: list[tuple[int, int]] = []
         while True:
             order = torch.randperm(self.n, generator=gen).tolist()

@@ -23,14 +23,14 @@ forward runs through ``torch.compile`` (compiling costs about a minute per proce
 ResNet-50 and pays off only over thousands of steps; off by default). Both are no-ops on CPU.
 
 Resumability: each training domain's batches come from a ``TrainStream`` re-seeded at the
-first step after every checkpoint (seed ``loader_seed(seed, domain, step)``); its loader worker
-processes live for the whole run. A snapshot taken at a checkpoint therefore needs no loader
-position, and a resumed run draws exactly the batches an uninterrupted run draws. The split's
-``data.sampling`` says how indices are drawn: seeded permutations (restarted every
+first step after every checkpoint (seed ``loader_seed(seed, domain, step)``); the re-seeding
+happens in the loader's sampler, so the loader worker processes live for the whole run and
+keep preparing batches across checkpoints. A snapshot taken at a checkpoint therefore needs no
+loader position, and a resumed run draws exactly the batches an uninterrupted run draws. The
+split's ``data.sampling`` says how indices are drawn: seeded permutations (restarted every
 ``checkpoint_freq`` steps, as uniform) or with replacement, as DomainBed. A ``StepStream``
 joins the domains' batches (decoded ones augmented in one call) and, on CUDA, prepares the
-next step's batch on a side stream while the current step runs; the batch prepared past a
-checkpoint is dropped, since the streams are re-seeded there.
+next step's batch on a side stream while the current step runs.
 """
 
 from __future__ import annotations
@@ -417,7 +417,8 @@ class _FineTuning:
             param.requires_grad_(self.trainable[name] and not frozen)
 
     def open_loaders(self, step: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Every domain's stream re-seeded for ``step``; loader workers live for the whole run."""
+        """Every domain's stream seeded for ``step`` and re-seeded in place after each later
+        snapshot point, as a run resumed there would be; loader workers live for the run."""
         if self.streams is None:
             domains = [
                 TrainStream(
@@ -426,12 +427,23 @@ class _FineTuning:
                 for d in self.train
             ]
             self.streams = StepStream(domains, self.device)
-        return self.streams.restart(
-            [loader_seed(self.cfg.seed, i, step) for i in range(len(self.train))]
-        )
+
+        def reseeds(position: int) -> list[int] | None:  # the batch of step `step + position`
+            resumed = step + position
+            return self.seeds(resumed) if self.cfg.is_snapshot_step(resumed - 1) else None
+
+        return self.streams.restart(self.seeds(step), reseeds)
+
+    def seeds(self, step: int) -> list[int]:
+        """Every domain's loader seed for a stream (re)starting at ``step``."""
+        return [loader_seed(self.cfg.seed, i, step) for i in range(len(self.train))]
+
+    def close_loaders(self) -> None:
+        """Ends the loaders' worker processes."""
+        self.batches, self.streams = None, None
 
     def train_step(self, step: int) -> None:
-        if self.batches is None:  # first step after a checkpoint (or of the run): re-seed
+        if self.batches is None:  # first step of the run (or of its resumed part)
             self.batches = self.open_loaders(step)
         if self.optimizer_phase != self.phase(step):
             self.enter_phase(self.phase(step))
@@ -463,7 +475,6 @@ class _FineTuning:
         if evaluate:
             record[MetricKey.ID_VAL_ACC] = self.evaluate()
             self.history.append(record)
-        self.batches = None
         if on_checkpoint is None:
             return
         metrics = dict(record)
@@ -506,9 +517,7 @@ class _FineTuning:
             "ma_state": None if self.ma is None else _to_cpu(self.ma.state),
             "ma_count": 0 if self.ma is None else self.ma.count,
             "rng": _rng_state(self.device),
-            "loader_seeds": [
-                loader_seed(self.cfg.seed, i, self.step + 1) for i in range(len(self.train))
-            ],
+            "loader_seeds": self.seeds(self.step + 1),
         }
 
     def restore(self, snap: Mapping) -> None:
@@ -607,6 +616,5 @@ def fine_tune(
                 run.check_finite()
     finally:
         run.restore_trainable()
-        run.batches = None
-        run.streams = None  # ends the loaders' worker processes
+        run.close_loaders()
     return run.result()
