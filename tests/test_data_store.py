@@ -452,6 +452,108 @@ def test_step_streams_cuda_branch_hands_over_each_batch_before_returning_it(
         assert torch.equal(x, x_plain) and torch.equal(y, y_plain)
 
 
+class _Recorder:
+    """Stand-ins for CUDA's streams and events that log what happens, in which thread."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.made = 0
+        log = self.log
+
+        class Stream:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def wait_event(self, event: Event) -> None:
+                log(f"{self.name} waits for batch {event.batch}")
+
+        recorder = self
+
+        class Event:
+            def record(self, stream: Stream) -> None:
+                self.batch = recorder.made
+                recorder.made += 1
+                log(f"batch {self.batch} made on {stream.name}")
+
+        self.side, self.current = Stream("side"), Stream("default")
+
+        @contextlib.contextmanager
+        def on(stream: Stream):
+            log(f"enter {stream.name}")
+            yield
+
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "stream", on)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log(f"record on {s.name}"))
+
+    def log(self, what: str) -> None:
+        import threading
+
+        self.events.append((threading.current_thread().name, what))
+
+    def index(self, what: str) -> int:
+        return [e for _, e in self.events].index(what)
+
+
+def test_with_worker_processes_a_thread_prepares_the_cuda_batches_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StepStream's threaded CUDA branch, run on the CPU with recording stand-ins: the batches
+    are those of the plain stream, channels last; a background thread makes them inside the
+    side stream, records an event after each and records its tensors on the default stream;
+    the trainer's stream waits on a batch's event before the batch is returned. Restarting or
+    closing stops the thread."""
+    import threading
+
+    rec = _Recorder(monkeypatch)
+    root = _write_pacs(tmp_path / "data", per_class=3)
+    domains = [_decoded(root, tmp_path / "cache").domain(d, train=True) for d in (0, 1)]
+    steps = StepStream([TrainStream(d, 4, num_workers=1) for d in domains], "cpu")
+    steps._side = rec.side  # type: ignore[assignment]  # what __init__ makes on a CUDA device
+    got = _take(steps.restart([3, 4]), 3)
+    plain = _take(StepStream([TrainStream(d, 4) for d in domains], "cpu").restart([3, 4]), 3)
+    for k, ((x, y), (x_plain, y_plain)) in enumerate(zip(got, plain)):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, x_plain) and torch.equal(y, y_plain)
+        assert rec.index(f"batch {k} made on side") < rec.index(f"default waits for batch {k}")
+    main = threading.current_thread().name
+    producer = {thread for thread, what in rec.events if what.startswith("batch")}
+    assert producer == {"ratatouille-batches"} != {main}
+    assert rec.events[0] == ("ratatouille-batches", "enter side")
+    waits = [thread for thread, what in rec.events if "waits" in what]
+    assert waits == [main] * 3
+    records = [what for _, what in rec.events if what.startswith("record")]
+    assert set(records) == {"record on default"} and len(records) >= 2 * 3  # x and y
+    thread = steps._ahead._thread  # type: ignore[union-attr]
+    again = next(steps.restart([3, 4]))  # the old thread is stopped first
+    assert not thread.is_alive()
+    assert torch.equal(again[0], plain[0][0])
+    steps.close()
+    assert steps._ahead is None
+    assert not any(t.name == "ratatouille-batches" for t in threading.enumerate())
+
+
+def test_the_batch_thread_passes_errors_and_the_end_to_the_trainer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ratatouille.data.pipeline import _Ahead
+
+    rec = _Recorder(monkeypatch)
+    made = iter([(torch.zeros(1),), (torch.ones(1),)])
+    ahead = _Ahead(lambda: next(made), rec.side, rec.current)  # type: ignore[arg-type,return-value]
+    assert [batch[0].item() for batch in ahead] == [0.0, 1.0]  # StopIteration ends it
+    ahead.close()
+
+    def broken() -> tuple:
+        raise OSError("disk gone")
+
+    failing = _Ahead(broken, rec.side, rec.current)
+    with pytest.raises(OSError, match="disk gone"):
+        next(iter(failing))
+    failing.close()
+
+
 def test_the_store_holds_channels_last_rows(tmp_path: Path) -> None:
     root = _write_pacs(tmp_path / "data", per_class=1, size=(30, 20))
     store = _decoded(root, tmp_path / "cache").store()

@@ -17,6 +17,8 @@ device up to floating-point rounding (the parameters are drawn on the CPU).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, TypeVar
@@ -232,14 +234,21 @@ class StepStream:
     """The batches of a training step, one per domain concatenated, from the domains'
     :class:`TrainStream` (which keep their worker processes between restarts).
 
-    On CUDA the next step's batch is prepared one step ahead on a side stream: its copies and
-    augmentation overlap the current step's forward and backward on the default stream instead
-    of preceding them. The batches are the same as without it: the items carry their seeds.
+    On CUDA the next step's batch is prepared ahead on a side stream, so that its copies and
+    augmentation overlap the current step's forward and backward on the default stream. When
+    every domain loads in worker processes, a background thread prepares it (:class:`_Ahead`):
+    launching the augmentation's kernels is host work, a third of a ResNet-50 step's, and the
+    thread does it while the trainer's thread waits on the backward pass (which runs without
+    the GIL). Loading items in the process (``num_workers=0``) seeds torch's global CPU
+    generator per item, which a thread must not do beside the trainer, so then the trainer's
+    thread prepares the batch one step ahead (:func:`prefetched`). The batches are the same
+    either way: the items carry their seeds.
     """
 
     def __init__(self, streams: Sequence[TrainStream], device: str | torch.device) -> None:
         self.streams, self.device = list(streams), torch.device(device)
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._ahead: _Ahead | None = None
 
     def restart(
         self, seeds: Sequence[int], reseeds: StepReseeds | None = None
@@ -248,6 +257,7 @@ class StepStream:
         ``reseeds``, the streams start over in place at the batches it names."""
         if len(seeds) != len(self.streams):
             raise ValueError(f"{len(seeds)} seeds for {len(self.streams)} training domains")
+        self.close()  # a thread still reading the previous streams must stop first
         staged = [
             stream.restart_staged(seed, _domain_reseeds(reseeds, i, len(seeds)))
             for i, (stream, seed) in enumerate(zip(self.streams, seeds))
@@ -264,12 +274,22 @@ class StepStream:
             x, y = produce()  # the model's input format on CUDA (the trainer's)
             return x.contiguous(memory_format=torch.channels_last), y
 
+        if all(stream.num_workers > 0 for stream in self.streams):
+            self._ahead = _Ahead(produce_channels_last, side, current)
+            return iter(self._ahead)
+
         def hand_over(batch: tuple[Tensor, Tensor]) -> None:
             current.wait_stream(side)  # the batch's copies and kernels precede its use
             for tensor in batch:  # made on the side stream, used and freed on the current one
                 tensor.record_stream(current)
 
         return prefetched(produce_channels_last, lambda: torch.cuda.stream(side), hand_over)
+
+    def close(self) -> None:
+        """Stops the thread preparing batches, if any (the trainer calls it when done)."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
 
 def _domain_reseeds(reseeds: StepReseeds | None, domain: int, domains: int) -> Reseeds | None:
@@ -285,6 +305,61 @@ def _domain_reseeds(reseeds: StepReseeds | None, domain: int, domains: int) -> R
         return int(seeds[domain])
 
     return seed_of
+
+
+_END = object()
+
+
+class _Ahead:
+    """``produce()``'s batches made in a background thread, up to two ahead, inside the side
+    CUDA stream ``side``; each handed to the ``consumer`` stream with an event it waits on, its
+    tensors recorded on that stream (made on one stream, used and freed on the other). An
+    error in ``produce`` is raised to the consumer; StopIteration ends the stream."""
+
+    def __init__(self, produce: Callable[[], tuple[Tensor, Tensor]], side: Any, consumer: Any):
+        self._produce, self._side, self._consumer = produce, side, consumer
+        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ratatouille-batches", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with torch.cuda.stream(self._side):
+                while not self._stop.is_set():
+                    batch = self._produce()
+                    made = torch.cuda.Event()
+                    made.record(self._side)
+                    for tensor in batch:
+                        tensor.record_stream(self._consumer)
+                    self._put((batch, made))
+        except StopIteration:
+            self._put(_END)
+        except BaseException as error:  # re-raised in the trainer's thread
+            self._put(error)
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            item = self._ready.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            batch, made = item
+            self._consumer.wait_event(made)  # the batch's copies and kernels precede its use
+            yield batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 Batch = TypeVar("Batch")

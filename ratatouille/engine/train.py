@@ -30,7 +30,8 @@ loader position, and a resumed run draws exactly the batches an uninterrupted ru
 split's ``data.sampling`` says how indices are drawn: seeded permutations (restarted every
 ``checkpoint_freq`` steps, as uniform) or with replacement, as DomainBed. A ``StepStream``
 joins the domains' batches (decoded ones augmented in one call) and, on CUDA, prepares the
-next step's batch on a side stream while the current step runs.
+next steps' batches on a side stream (in a background thread when the loaders have worker
+processes) while the current step runs.
 """
 
 from __future__ import annotations
@@ -439,7 +440,9 @@ class _FineTuning:
         return [loader_seed(self.cfg.seed, i, step) for i in range(len(self.train))]
 
     def close_loaders(self) -> None:
-        """Ends the loaders' worker processes."""
+        """Ends the batch-preparing thread and the loaders' worker processes."""
+        if self.streams is not None:
+            self.streams.close()
         self.batches, self.streams = None, None
 
     def train_step(self, step: int) -> None:
