@@ -58,17 +58,21 @@ def packing(trials: int, steps: int, slots: int) -> tuple[float, float, float]:
 
     ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(trial, {"cpu": 1}),
-            param_space={"seed": tune.grid_search(list(range(trials))), "steps": steps, "freq": 50},
-            tune_config=tune.TuneConfig(reuse_actors=True),
-            run_config=tune.RunConfig(
-                storage_path=tempfile.mkdtemp(prefix="bench_packing_"), verbose=0
-            ),
-        )
-        results = [r for r in tuner.fit() if r.error is None]
+        with tempfile.TemporaryDirectory(prefix="bench_packing_") as storage:
+            tuner = tune.Tuner(
+                tune.with_resources(trial, {"cpu": 1}),
+                param_space={
+                    "seed": tune.grid_search(list(range(trials))),
+                    "steps": steps,
+                    "freq": 50,
+                },
+                tune_config=tune.TuneConfig(reuse_actors=True),
+                run_config=tune.RunConfig(storage_path=storage, verbose=0),
+            )
+            results = [r for r in tuner.fit() if r.error is None]
     finally:
         ray.shutdown()
+
     if len(results) != trials:
         raise RuntimeError(f"only {len(results)} of {trials} trials finished")
     spans = [(r.metrics["start"], r.metrics["end"]) for r in results]

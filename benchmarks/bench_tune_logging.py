@@ -190,22 +190,24 @@ def main() -> None:
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     set_verbosity(Verbosity.V1_EXPERIMENT)  # the pipeline's `verbose=1`
-    root = tempfile.mkdtemp(prefix="bench-tune-logging-")
-    tracker = Tracker("bench", f"sqlite:///{root}/mlflow.db")
-    tracker.start_parent(f"{root}/run", yaml.safe_load(CONFIG.read_text()))
-    sides = {
-        "none": Side(tune.Callback(), target_trials(args.trials, root, "none")),
-        "mlflow": Side(MlflowTrialCallback(tracker), target_trials(args.trials, root, "mlflow")),
-    }
-    tracker.flush()
-    paced = measure(sides, tracker, args.reports, args.rate)
-    flat = measure(sides, tracker, args.flat_out_reports, 0.0)
-    mlflow = sides["mlflow"]
-    for trial in mlflow.trials:
-        mlflow.chain.on_trial_complete(iteration=mlflow.step, trials=mlflow.trials, trial=trial)
-    tracker.finish_parent()
-    check_store(tracker, mlflow.trials, mlflow.step)
-    ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="bench-tune-logging-") as root:
+        tracker = Tracker("bench", f"sqlite:///{root}/mlflow.db")
+        tracker.start_parent(f"{root}/run", yaml.safe_load(CONFIG.read_text()))
+        sides = {
+            "none": Side(tune.Callback(), target_trials(args.trials, root, "none")),
+            "mlflow": Side(
+                MlflowTrialCallback(tracker), target_trials(args.trials, root, "mlflow")
+            ),
+        }
+        tracker.flush()
+        paced = measure(sides, tracker, args.reports, args.rate)
+        flat = measure(sides, tracker, args.flat_out_reports, 0.0)
+        mlflow = sides["mlflow"]
+        for trial in mlflow.trials:
+            mlflow.chain.on_trial_complete(iteration=mlflow.step, trials=mlflow.trials, trial=trial)
+        tracker.finish_parent()
+        check_store(tracker, mlflow.trials, mlflow.step)
+        ray.shutdown()
 
     print(
         f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
