@@ -225,11 +225,6 @@ def _joint(parts: Sequence[Staged]) -> tuple[Tensor, Tensor]:
     return torch.cat([_finish(part)[0] for part in parts]), y
 
 
-#: ``reseeds(k)``: every domain's seed where the step stream starts over at its ``k``-th batch
-#: (``k >= 1``), or None where it goes on (see :class:`TrainStream`).
-StepReseeds = Callable[[int], Sequence[int] | None]
-
-
 class StepStream:
     """The batches of a training step, one per domain concatenated, from the domains'
     :class:`TrainStream` (which keep their worker processes between restarts).
@@ -251,16 +246,19 @@ class StepStream:
         self._ahead: _Ahead | None = None
 
     def restart(
-        self, seeds: Sequence[int], reseeds: StepReseeds | None = None
+        self, seeds: Sequence[int], reseeds: Sequence[Reseeds] | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Every domain's stream restarted at its seed; endless ``(x, y)`` on the device. With
-        ``reseeds``, the streams start over in place at the batches it names."""
+        ``reseeds`` (one per domain), the streams start over in place where they say."""
         if len(seeds) != len(self.streams):
             raise ValueError(f"{len(seeds)} seeds for {len(self.streams)} training domains")
+        schedules = [None] * len(seeds) if reseeds is None else list(reseeds)
+        if len(schedules) != len(seeds):
+            raise ValueError(f"{len(schedules)} reseeds for {len(seeds)} training domains")
         self.close()  # a thread still reading the previous streams must stop first
         staged = [
-            stream.restart_staged(seed, _domain_reseeds(reseeds, i, len(seeds)))
-            for i, (stream, seed) in enumerate(zip(self.streams, seeds))
+            stream.restart_staged(seed, schedule)
+            for stream, seed, schedule in zip(self.streams, seeds, schedules)
         ]
 
         def produce() -> tuple[Tensor, Tensor]:
@@ -290,21 +288,6 @@ class StepStream:
         if self._ahead is not None:
             self._ahead.close()
             self._ahead = None
-
-
-def _domain_reseeds(reseeds: StepReseeds | None, domain: int, domains: int) -> Reseeds | None:
-    if reseeds is None:
-        return None
-
-    def seed_of(position: int) -> int | None:
-        seeds = reseeds(position)
-        if seeds is None:
-            return None
-        if len(seeds) != domains:
-            raise ValueError(f"{len(seeds)} seeds for {domains} training domains")
-        return int(seeds[domain])
-
-    return seed_of
 
 
 _END = object()

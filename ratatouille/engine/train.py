@@ -53,6 +53,7 @@ from torch.utils.data import Dataset
 from ratatouille.core.names import MetricKey
 from ratatouille.core.seeding import seed_hash
 from ratatouille.data import StepStream, TrainStream, eval_batches
+from ratatouille.data.loaders import Reseeds
 from ratatouille.engine.models import Classifier
 
 #: model.precision: bf16 autocast of forward passes on CUDA, or fp32 (the reference's)
@@ -429,11 +430,19 @@ class _FineTuning:
             ]
             self.streams = StepStream(domains, self.device)
 
-        def reseeds(position: int) -> list[int] | None:  # the batch of step `step + position`
-            resumed = step + position
-            return self.seeds(resumed) if self.cfg.is_snapshot_step(resumed - 1) else None
-
+        reseeds = [self.reseeds(i, step) for i in range(len(self.train))]
         return self.streams.restart(self.seeds(step), reseeds)
+
+    def reseeds(self, domain: int, start: int) -> Reseeds:
+        """Where ``domain``'s stream opened at ``start`` starts over: after each snapshot point,
+        with the seed a run resumed there opens it with."""
+        cfg = self.cfg
+
+        def seed_at(position: int) -> int | None:  # the batch of step `start + position`
+            step = start + position
+            return loader_seed(cfg.seed, domain, step) if cfg.is_snapshot_step(step - 1) else None
+
+        return seed_at
 
     def seeds(self, step: int) -> list[int]:
         """Every domain's loader seed for a stream (re)starting at ``step``."""
