@@ -23,7 +23,9 @@ count are printed side by side.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,11 @@ import torch.nn.functional as F
 from ratatouille.data import InfiniteLoader, get_dataset, target_splits
 from ratatouille.engine.models import build_classifier, featurizer_state, freeze_bn, head_state
 from ratatouille.engine.probe import eval_train_views, linear_probe
-from ratatouille.engine.train import autocast_for, evaluate_accuracy, loader_seed
+from ratatouille.engine.train import evaluate_accuracy
+
+# The reference route the tests check the cached probe against is the one timed here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from probe_routes import frozen_featurizer_loop
 
 FIGURES = {"P1": "cpu"}  # benchmarks/run.py: the figures this script prints
 
@@ -58,27 +64,6 @@ def pretrained_featurizer(arch: str, image_size: int, steps: int = 30) -> dict[s
         loss.backward()
         optimizer.step()
     return featurizer_state(freeze_bn(model))
-
-
-def reference_loop(
-    model, train, steps: int, lr: float, batch_size: int, seed: int, device: torch.device
-) -> None:
-    """The reference's probe: Adam on the head, every step through the frozen featurizer."""
-    for param in model.featurizer.parameters():
-        param.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=lr)
-    streams = [
-        iter(InfiniteLoader(d, batch_size, loader_seed(seed, i, 0))) for i, d in enumerate(train)
-    ]
-    model.train()
-    for _ in range(steps):
-        xs, ys = zip(*(next(s) for s in streams))
-        x, y = torch.cat(xs).to(device), torch.cat(ys).to(device)
-        with autocast_for(device):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
 
 def fit_costs(steps: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]:
@@ -139,7 +124,7 @@ def main() -> None:
     def reference(n: int) -> tuple[float, float]:
         model.head.load_state_dict(w_init)
         start = time.perf_counter()  # both timings include the final ID-val evaluation
-        reference_loop(model, train, n, args.lr, args.batch_size, 0, device)
+        frozen_featurizer_loop(model, train, n, args.lr, args.batch_size, 0, device)
         acc = evaluate_accuracy(model, splits.id_val, device=device)
         _sync(device)
         return time.perf_counter() - start, acc

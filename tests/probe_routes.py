@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ratatouille.data import InfiniteLoader, eval_loader, get_dataset
 from ratatouille.engine.models import build_classifier, featurizer_state, freeze_bn
-from ratatouille.engine.train import loader_seed
+from ratatouille.engine.train import autocast_for, loader_seed
 
 
 def calibrated_phi_pt(arch: str) -> dict[str, torch.Tensor]:
@@ -27,9 +27,11 @@ def calibrated_phi_pt(arch: str) -> dict[str, torch.Tensor]:
     return featurizer_state(freeze_bn(model))
 
 
-def frozen_featurizer_loop(model, train, steps, lr, batch_size, seed):
+def frozen_featurizer_loop(model, train, steps, lr, batch_size, seed, device=torch.device("cpu")):
     """The reference's route: the head trained by Adam through the frozen featurizer, every step
-    (each domain's batches drawn as its split asks, from the stream fine_tune opens at step 0)."""
+    (each domain's batches drawn as its split asks, from the stream fine_tune opens at step 0).
+    The cached probe is tested against it here and timed against it in
+    benchmarks/bench_linear_probe.py (P1)."""
     for p in model.featurizer.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.head.parameters(), lr=lr)
@@ -39,7 +41,9 @@ def frozen_featurizer_loop(model, train, steps, lr, batch_size, seed):
     model.train()
     for _ in range(steps):
         xs, ys = zip(*(next(s) for s in streams))
-        loss = F.cross_entropy(model(torch.cat(xs)), torch.cat(ys))
+        x, y = torch.cat(xs).to(device), torch.cat(ys).to(device)
+        with autocast_for(device):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
