@@ -24,18 +24,17 @@ $(VENV)/.installed-test: pyproject.toml
 quickstart: $(VENV)/.installed-base
 	$(BIN)/ratatouille run experiments/quickstart.yaml
 
-# tests/test_ray_up.py runs `ray up` over SSH on loopback: OpenSSH's sshd and rsync, unpacked from
-# Debian's packages into .tools/ (nothing installed system-wide; apt's lists refreshed if stale).
+# tests/test_ray_up.py runs `ray up` over SSH on loopback: OpenSSH's sshd and client and rsync,
+# with every library they need beyond the base Debian system, unpacked from Debian's packages into
+# .tools/ (nothing installed system-wide; apt's lists refreshed if stale). Before the suite, each
+# tool must run, or one line says what is missing and how to get it.
 TOOLS := .tools
-SSH_DEBS := openssh-server rsync libwrap0
-$(TOOLS)/.unpacked:
-	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/debs
-	cd $(TOOLS)/debs && (apt-get download -qq $(SSH_DEBS) \
-		|| (apt-get update -qq && apt-get download -qq $(SSH_DEBS)))
-	for deb in $(TOOLS)/debs/*.deb; do dpkg -x "$$deb" $(TOOLS)/root; done
+$(TOOLS)/.unpacked: tests/system_tools.py
+	$(PYTHON) tests/system_tools.py unpack $(TOOLS)
 	touch $@
 
 test: $(VENV)/.installed-test $(TOOLS)/.unpacked
+	@$(BIN)/python tests/system_tools.py check $(TOOLS)
 	$(BIN)/python -m pytest
 
 # Every speed and memory figure (P1..P12 of docs/performance.md), each against its baseline

@@ -9,9 +9,10 @@ with its own host key and authorized key. Choices, and why:
   `ssh` client with `-tt` (a pseudo-terminal), ControlMaster multiplexing and rsync's `--rsh`, so
   the server it talks to in production is OpenSSH; a Python server would have to reimplement
   PTYs, exec and signal semantics and could pass where OpenSSH fails. It is Debian's own
-  `openssh-server` package (plus rsync, which Ray's file_mounts need on both ends, and libwrap0,
-  sshd's one missing library), unpacked by `make test` into .tools/ with `dpkg -x`: nothing is
-  installed system-wide.
+  `openssh-server` package (plus the client, rsync, which Ray's file_mounts need on both ends,
+  and every library they need beyond the base system), unpacked by `make test` into .tools/ and
+  run through its wrappers in .tools/bin (tests/system_tools.py): nothing is installed
+  system-wide.
 - **Its own PID and mount namespaces** (`unshare`, so the test runs as root, as CI does): the
   head's start commands and `ray down` run `ray stop`, which ends every Ray process it can see;
   inside the namespace it sees only this cluster's, never the session's Ray or other tests'.
@@ -56,8 +57,9 @@ from local_processes import free_port, stop_group
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "deploy" / "onprem" / "cluster.yaml"
-TOOLS = REPO / ".tools" / "root"
-SSHD = TOOLS / "usr" / "sbin" / "sshd"
+# wrappers around the unpacked binaries, with their libraries on the path (tests/system_tools.py)
+TOOLS = REPO / ".tools" / "bin"
+SSHD = TOOLS / "sshd"
 RAY = str(Path(sys.executable).with_name("ray"))
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RAY_PROCESSES = ("gcs_server", "raylet")
@@ -73,7 +75,7 @@ class Node:
 
 def _sshd_config(root: Path, address: str) -> str:
     session_env = {  # what the provisioned machine's sessions see (sshd starts them clean)
-        "PATH": f"{TOOLS / 'usr' / 'bin'}:{SYSTEM_PATH}",  # rsync for the file mounts
+        "PATH": f"{TOOLS}:{SYSTEM_PATH}",  # rsync for the file mounts
         "PIP_NO_INDEX": "1",
         "PIP_NO_BUILD_ISOLATION": "0",  # pip's spelling of "no build isolation"
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -104,14 +106,13 @@ def _namespace_script(root: Path, home: Path) -> str:
     passwd += "sshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n"
     (root / "passwd").write_text(passwd)
     (root / "ray_tmp").mkdir()
-    libs = TOOLS / "usr" / "lib" / "x86_64-linux-gnu"
     return "\n".join(
         [
             "set -e",
             "mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd",
             f"mount --bind {root / 'passwd'} /etc/passwd",
             f"mount --bind {root / 'ray_tmp'} /tmp/ray",
-            f"exec env LD_LIBRARY_PATH={libs} {SSHD} -D -e -f {root / 'sshd_config'}",
+            f"exec {SSHD} -D -e -f {root / 'sshd_config'}",
         ]
     )
 
@@ -152,7 +153,7 @@ def node(tmp_path):
     home.mkdir(parents=True)
     address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
     for name in ("host_key", "user_key"):
-        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", root / name]
+        keygen = [TOOLS / "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", root / name]
         subprocess.run(keygen, check=True)
     (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
     (root / "sshd_config").write_text(_sshd_config(root, address))
@@ -223,7 +224,7 @@ def _user_env(tmp_path: Path) -> dict:
     env = {
         **os.environ,
         "HOME": str(home),
-        "PATH": f"{Path(RAY).parent}:{TOOLS / 'usr' / 'bin'}:{os.environ['PATH']}",
+        "PATH": f"{Path(RAY).parent}:{TOOLS}:{os.environ['PATH']}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)

@@ -29,6 +29,7 @@ from ratatouille.orchestration.search import (
     StageRunner,
     SweepIncomplete,
     TrialOutcome,
+    check_ray_address,
     check_storage_shared,
     connect_ray,
     new_run_dir,
@@ -294,8 +295,10 @@ def run_pipeline(
 ) -> Outcome:
     """`ratatouille run` (and `reduce`, which restores every stage and only reduces).
 
-    Every check of the user's input runs first: a bad config stops before Ray or MLflow start.
+    Every check of the user's input runs first: a bad config or an unreachable RAY_ADDRESS stops
+    before Ray or MLflow start.
     """
+    check_ray_address()
     check_experiment(config)
     if resume:
         check_resumable(config)

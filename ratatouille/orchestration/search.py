@@ -8,8 +8,11 @@ Tune's storage for checkpoints. MLflow is written by the driver through a Tune c
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -90,6 +93,111 @@ class RayUnreachable(UserError):
     """RAY_ADDRESS names a cluster this driver cannot reach."""
 
 
+#: How long the address check may take in all: a name lookup and one TCP connect.
+ADDRESS_CHECK_TIMEOUT_S = 4.0
+DEFAULT_PORTS = {"": 6379, "ray": 10001, "http": 80, "https": 443}  # GCS, Ray Client, Jobs API
+RAY_ADDRESS_FORMS = "host:port (the GCS, port 6379), ray://host:10001, auto or local"
+
+
+@dataclass(frozen=True)
+class RayEndpoint:
+    """Where RAY_ADDRESS points: ``scheme`` is "" for a GCS address, else ray, http or https."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+def ray_endpoint(address: str) -> RayEndpoint | None:
+    """The endpoint a RAY_ADDRESS names; None for `auto` and `local`, which Ray resolves itself
+    (from this machine's running Ray) without waiting on the network."""
+    if address.strip().lower() in ("auto", "local"):
+        return None
+    scheme, _, rest = address.strip().rpartition("://")
+    scheme = scheme.lower()
+    if scheme not in DEFAULT_PORTS or not rest:
+        raise RayUnreachable(
+            f"RAY_ADDRESS={address} is not an address Ray takes: use {RAY_ADDRESS_FORMS}"
+        )
+    parts = urllib.parse.urlsplit("//" + rest)
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise RayUnreachable(
+            f"RAY_ADDRESS={address} has no valid host and port: use {RAY_ADDRESS_FORMS}"
+        )
+    return RayEndpoint(scheme, parts.hostname, port)
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> list[Any]:
+    """getaddrinfo with a deadline: a resolver with no DNS server answering blocks for long."""
+    found: list[Any] = []
+    failure: list[OSError] = []
+
+    def lookup() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as error:
+            failure.append(error)
+
+    worker = threading.Thread(target=lookup, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise OSError(f"the name {host} did not resolve within {timeout_s:.0f} s")
+    if failure:
+        raise OSError(f"the name {host} does not resolve ({failure[0].strerror or failure[0]})")
+    return found
+
+
+def probe_endpoint(endpoint: RayEndpoint, timeout_s: float = ADDRESS_CHECK_TIMEOUT_S) -> None:
+    """Raise OSError unless something accepts TCP connections at the endpoint."""
+    deadline = time.monotonic() + timeout_s
+    addresses = _resolve(endpoint.host, endpoint.port, timeout_s)
+    errors = []
+    for family, kind, proto, _, sockaddr in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        with socket.socket(family, kind, proto) as connection:
+            connection.settimeout(left)
+            try:
+                connection.connect(sockaddr)
+                return
+            except OSError as error:
+                errors.append(error)
+    reason = errors[0].strerror or type(errors[0]).__name__ if errors else "timed out"
+    raise OSError(f"nothing answers at {endpoint.host}:{endpoint.port} ({reason})")
+
+
+def check_ray_address(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse, in seconds and before anything starts, a RAY_ADDRESS this driver cannot use.
+
+    ``ray.init`` retries an unreachable GCS for minutes, printing warnings; a dashboard/Jobs API
+    URL (http://head:8265) is what `ray job submit` takes, never a driver.
+    """
+    address = environ.get("RAY_ADDRESS", "").strip()
+    endpoint = ray_endpoint(address) if address else None
+    if endpoint is None:
+        return
+    try:
+        probe_endpoint(endpoint)
+    except OSError as error:
+        raise RayUnreachable(
+            f"RAY_ADDRESS={address}: {error}: start the cluster (`ray start --head`, "
+            "`ray up cluster.yaml`), fix the address, or unset RAY_ADDRESS to run on a local Ray "
+            "of this run's own"
+        ) from None
+    if endpoint.scheme in ("http", "https"):
+        raise RayUnreachable(
+            f"RAY_ADDRESS={address} is a dashboard / Jobs API address, which a driver cannot "
+            f"attach to: submit with `ray job submit --address {address} -- ratatouille run "
+            "CONFIG`, or set RAY_ADDRESS to the cluster's GCS address (host:6379)"
+        )
+
+
 def connect_ray() -> str:
     """Attach to the cluster RAY_ADDRESS names (`ray submit`, `ray job submit` and
     experiments/submit.py set it), else start a Ray of this run's own.
@@ -107,6 +215,7 @@ def connect_ray() -> str:
     if not address:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         return "started a local Ray for this run"
+    check_ray_address()
     try:
         ray.init(address=address, log_to_driver=False)
     except ConnectionError as error:
