@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 
-.PHONY: quickstart test lint format clean bench bench-cuda
+.PHONY: quickstart test lint format clean bench bench-cuda gpu-check
 
 $(VENV)/.installed-base: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: $(VENV)/.installed-test
 bench-cuda: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/run.py --cuda-only --out benchmarks/results-cuda.txt \
 		--docs docs/performance.md
+
+# On a GPU machine: a whole `ratatouille run` on CUDA (ResNet-50, 2 arms x 4 runs packed four to
+# a GPU) checked from its MLflow records, then `make bench-cuda` (benchmarks/gpu_check.py).
+gpu-check: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/gpu_check.py
 
 # The habits that keep the layout: lint and format checks, and the type check (pyproject.toml).
 LINTED := ratatouille tests benchmarks experiments

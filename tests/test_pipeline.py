@@ -179,6 +179,7 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     config, outcome, client = sweep
     (reducer,) = _children(client, outcome, "reducer")
     metrics = reducer.data.metrics
+    assert reducer.data.tags["ratatouille.reducer_device"] == "cpu"  # no GPU in the suite
     for strategy in STRATEGIES:
         assert 0.0 <= metrics[f"ood_acc/{strategy}"] <= 1.0
         assert 0.0 <= metrics[f"id_val_acc/{strategy}"] <= 1.0

@@ -70,6 +70,7 @@ class CellReduction:
     result: ReduceResult
     inputs: list[tuple[str, dict[str, Any]]]
     input_example: np.ndarray
+    device: str = "cpu"  # where the task evaluated (cuda when the reducer got a GPU)
 
 
 def _target_spec(outcome: TrialOutcome) -> TargetSpec:
@@ -177,7 +178,9 @@ def reduce_one_cell(
         settings=settings,
         predict=_predict(config),
     )
-    return CellReduction(reduce_cell(inputs), _cell_inputs(config, dataset, cell), example)
+    return CellReduction(
+        reduce_cell(inputs), _cell_inputs(config, dataset, cell), example, settings.device
+    )
 
 
 def reduce_domain_dagger_task(
@@ -300,7 +303,12 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
     inputs = [item for reduction in cells.values() for item in reduction.inputs]
     metrics = {**reduce_metrics(results, dagger), **claims_metrics(claims)}
     run_id, changed = tracker.log_reduction(
-        metrics, long_form(results, dagger), figures, {REPORT_MD: report + "\n"}, inputs
+        metrics,
+        long_form(results, dagger),
+        figures,
+        {REPORT_MD: report + "\n"},
+        inputs,
+        device=",".join(sorted({reduction.device for reduction in cells.values()})),
     )
     if changed:
         tracker.log_analysis(run_id, {"claims": claims}, cross_cell_figures(results))

@@ -63,6 +63,7 @@ GIT_DIRTY = "ratatouille.git_dirty"
 #: results it has held (the step of its metrics' latest points).
 REDUCTION_SHA256 = "ratatouille.reduction_sha256"
 REDUCTIONS = "ratatouille.reductions"
+REDUCER_DEVICE = "ratatouille.reducer_device"  # cpu or cuda: where the reducer's tasks evaluated
 #: Model version tag: a digest of the final model's weights, so equal weights are never
 #: registered twice.
 WEIGHTS_SHA256 = "weights_sha256"
@@ -466,6 +467,7 @@ class Tracker:
         figures: Mapping[str, Any],
         texts: Mapping[str, str],
         inputs: Sequence[tuple[str, Mapping[str, Any]]] = (),
+        device: str = "cpu",
     ) -> tuple[str, bool]:
         """Log a reduction to the reducer run unless it holds these very results already;
         returns the run and whether anything was written. Changed results replace the table
@@ -480,7 +482,10 @@ class Tracker:
         self.client.log_batch(
             run_id,
             metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
-            tags=[RunTag(key, value) for key, value in self.provenance.items()],
+            tags=[
+                *(RunTag(key, value) for key, value in self.provenance.items()),
+                RunTag(REDUCER_DEVICE, device),
+            ],
         )
         self._replace_table(run, table, COMPARISON_TABLE)
         self.client.log_text(run_id, table.to_csv(index=False), "comparison.csv")
