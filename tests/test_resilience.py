@@ -95,7 +95,7 @@ def _logged_experiment(tmp_path, **sections):
     ("override", "named"),
     [
         (["--steps", "280"], ["target.steps", "aux.steps", "probe.steps", "pretrain.steps"]),
-        (["--n-runs", "5"], ["target.n_runs"]),
+        (["--n-runs", "2"], ["target.n_runs"]),  # fewer runs; more would grow the sweep
         (["--test-env", "thick"], ["data.test_envs"]),
     ],
 )

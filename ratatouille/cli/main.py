@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume",
         action="store_true",
-        help="continue the latest run of this experiment; finished trials are kept",
+        help="continue the latest run of this experiment; finished trials are kept, and a "
+        "config that only adds (aux tasks or extra sources, runs, test domains, split seeds, "
+        "arms) trains only what is new",
     )
 
     plan = commands.add_parser("plan", help="print trials per stage and the compute they need")
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput",
         help="measurements from `ratatouille bench-throughput` (default: CONFIG's "
         "<name>.throughput.json beside it, when it exists)",
+    )
+    plan.add_argument(
+        "--resume",
+        action="store_true",
+        help="price only what `ratatouille run CONFIG --resume` would train now",
     )
 
     bench = commands.add_parser(
@@ -155,7 +162,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     sizes = domain_sizes_of(config.seed)
-    print(format_plan(plan_rows(config, experiment_cells(config), sizes, rates), rates))
+    cells = experiment_cells(config)
+    if args.resume:
+        from ratatouille.orchestration.pipeline import resume_plan
+
+        targets, done = resume_plan(config)
+        rows = plan_rows(config, cells, sizes, rates, targets=targets, done=done)
+    else:
+        rows = plan_rows(config, cells, sizes, rates)
+    print(format_plan(rows, rates))
     return EXIT_OK
 
 

@@ -42,6 +42,10 @@ class InitDraw:
 
 
 InitPolicy = Callable[[InitDraw], list[InitChoice]]
+#: Inits of the runs an experiment gains when it grows (`ratatouille run --resume`):
+#: ``(draw, existing, previous_groups)`` -> one choice per added run, ``draw.n_runs`` being
+#: the new total; the existing runs keep theirs.
+GrowPolicy = Callable[[InitDraw, Sequence[InitChoice], Sequence[Sequence[str]]], list[InitChoice]]
 
 #: Strategies that are not one network (ensembles average predictions, ``ma`` is a mean over
 #: runs): none of them can be the registered final model (``reduce.final_model``).
@@ -89,6 +93,43 @@ def balanced_over_sources(draw: InitDraw) -> list[InitChoice]:
     return choices
 
 
+def grow_balanced(
+    draw: InitDraw, existing: Sequence[InitChoice], previous_groups: Sequence[Sequence[str]]
+) -> list[InitChoice]:
+    """Each added run goes to the source group with the fewest runs so far; among equals, a
+    group the experiment did not have before first (new sources first), then config order.
+    Within the group, the entry that started the fewest runs (then config order). So an arm
+    stays as balanced over its sources as the added runs allow, and no existing run moves."""
+    known = {name for group in previous_groups for name in group}
+    runs_of_group = [
+        sum(choice.init_source in group for choice in existing) for group in draw.groups
+    ]
+    runs_of_entry = {name: 0 for group in draw.groups for name in group}
+    for choice in existing:
+        if choice.init_source in runs_of_entry:
+            runs_of_entry[choice.init_source] += 1
+    added = []
+    for _ in range(draw.n_runs - len(existing)):
+        group_index = min(
+            range(len(draw.groups)),
+            key=lambda g: (runs_of_group[g], any(n in known for n in draw.groups[g]), g),
+        )
+        group = draw.groups[group_index]
+        entry = min(group, key=lambda name: (runs_of_entry[name], group.index(name)))
+        runs_of_group[group_index] += 1
+        runs_of_entry[entry] += 1
+        added.append(InitChoice(entry))
+    return added
+
+
+def grow_fusing(
+    draw: InitDraw, existing: Sequence[InitChoice], previous_groups: Sequence[Sequence[str]]
+) -> list[InitChoice]:
+    """Added fusing runs mix every source of the grown pool, drawn as a new experiment's run of
+    the same index would be; the existing runs keep their mixtures."""
+    return fusing_mixture(draw)[len(existing) :]
+
+
 def fusing_mixture(draw: InitDraw) -> list[InitChoice]:
     """Every run starts from a softmax(kappa) mixture of one featurizer per source, kappa_i ~
     U(0, fusing_spread) drawn per run (paper F.1, Fusing); run ``r`` takes entry ``r mod size``
@@ -111,7 +152,8 @@ class Arm:
     required, App. E); ``recycles``: its runs start from distinct pool sources, so same- vs
     different-source diversity and the interpolation curves are computed on it; ``averaged``:
     its runs are meant to be averaged (the runs ablation of Fig. 8); ``strategies``: the
-    reducer strategies built from its runs; ``color``: its colour in the figures.
+    reducer strategies built from its runs; ``color``: its colour in the figures;
+    ``grow_policy``: the inits of runs added to a finished experiment (``--resume``).
     """
 
     name: str
@@ -123,6 +165,7 @@ class Arm:
     init_policy: InitPolicy
     strategies: tuple[str, ...]
     color: str
+    grow_policy: GrowPolicy = grow_balanced
 
 
 ARMS: dict[str, Arm] = {
@@ -173,6 +216,7 @@ ARMS: dict[str, Arm] = {
             init_policy=fusing_mixture,
             strategies=("fusing",),
             color="tab:green",
+            grow_policy=grow_fusing,
         ),
         Arm(
             "robust_ratatouille",
@@ -212,6 +256,7 @@ __all__ = [
     "ARMS",
     "PRETRAINED",
     "Arm",
+    "GrowPolicy",
     "InitChoice",
     "InitDraw",
     "InitPolicy",
@@ -221,4 +266,6 @@ __all__ = [
     "final_model_rules",
     "fusing_mixture",
     "get_arm",
+    "grow_balanced",
+    "grow_fusing",
 ]

@@ -12,9 +12,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -39,7 +39,17 @@ from ratatouille.orchestration.search import (
 from ratatouille.pool.files import child_location, is_uri, sibling_location
 from ratatouille.pool.store import HeadStore, Pool, incompatibilities
 from ratatouille.recipe.checks import check_experiment, check_source_leakage, experiment_cells
-from ratatouille.recipe.specs import AuxProbeSpec, AuxSpec, Cell, ProbeSpec, TrialSpec
+from ratatouille.recipe.growth import FREE_SECTIONS, GROWABLE, Growth, compare, grown_target_specs
+from ratatouille.recipe.specs import (
+    AuxProbeSpec,
+    AuxSpec,
+    Cell,
+    PretrainSpec,
+    ProbeSpec,
+    TargetSpec,
+    TrialSpec,
+    spec_from_plain,
+)
 from ratatouille.recipe.stages import StateDict, context_for
 from ratatouille.recipe.sweep import (
     COMPATIBILITY_KEYS,
@@ -224,8 +234,29 @@ def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
     )
     heads = {_probe_cell(o).key: _weights(o, WeightsFile.HEAD) for o in probes}
     context = context_for(config, featurizers=featurizers, heads=heads)
-    targets = runner.run(Stage.TARGET, list(target_specs(config, cells)), context)
+    specs = target_trials(
+        config, cells, runner.tracker, resumed=runner.resume or runner.restore_only
+    )
+    if not runner.restore_only:
+        runner.tracker.log_planned_trials(str(Stage.TARGET), [s.to_plain() for s in specs])
+    targets = runner.run(Stage.TARGET, list(specs), context)
     return SweepState(cells, featurizers, heads, targets, list(runner.excluded))
+
+
+def target_trials(
+    config: ExperimentConfig, cells: list[Cell], tracker: Tracker, *, resumed: bool
+) -> list[TargetSpec]:
+    """The target trials of a new run; of a resumed one, those it has (as logged, or as its
+    logged config planned them before trials were logged) and those a grown config adds."""
+    if not resumed:
+        return target_specs(config, cells)
+    logged = tracker.planned_trials(str(Stage.TARGET))
+    previous = parse_config(yaml.safe_load(read_config_text(tracker)), "the logged config")
+    if logged is None:
+        existing = target_specs(previous, experiment_cells(previous))
+    else:
+        existing = [cast(TargetSpec, spec_from_plain(plain)) for plain in logged]
+    return grown_target_specs(config, cells, existing, previous)
 
 
 def _run_to_resume(name: str, tracking_uri: str | None) -> tuple[Tracker, Any]:
@@ -254,40 +285,47 @@ def open_run(
     return tracker, run_dir
 
 
-#: Config sections a resumed run may change: they shape neither a trial nor its inputs.
-REDUCER_ONLY_SECTIONS = ("reduce", "resources", "tracking")
-
-
-def _differences(before: Any, after: Any, path: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(after, dict):
-        keys = sorted(set(before) | set(after))
-        return [
-            difference
-            for key in keys
-            for difference in _differences(before.get(key), after.get(key), f"{path}.{key}")
-        ]
-    return [] if before == after else [path.lstrip(".")]
-
-
-def check_resumable(config: ExperimentConfig) -> None:
-    """--resume continues the trials that the logged config planned: a field that changes
-    trials (steps, hparams, arms, n_runs, data, model, ...) must be as logged. Reads the store
-    only, before Ray starts or any run is touched."""
+def check_resumable(config: ExperimentConfig) -> Growth:
+    """--resume continues the trials that the logged config planned, and may grow the
+    experiment (recipe.growth: more auxiliary tasks or extra sources, runs, test domains, split
+    seeds, arms); a change that would alter an existing trial (steps, hyperparameters, model,
+    data, seed, ...) is refused, naming each field. Reads the store only, before Ray starts or
+    any run is touched."""
     tracker, parent = _run_to_resume(config.name, config.tracking.mlflow_uri)
     logged = parse_config(yaml.safe_load(read_config_text(tracker)), "the logged config")
-    run_id = parent.info.run_id
-    exclude = set(REDUCER_ONLY_SECTIONS)
-    changed = _differences(
-        logged.model_dump(mode="json", exclude=exclude),
-        config.model_dump(mode="json", exclude=exclude),
-    )
-    if changed:
+    growth = compare(logged, config)
+    if growth.refused:
         raise PipelineError(
-            f"--resume: {', '.join(changed)} differ from the config logged with run {run_id} "
-            "(its config.yaml artifact); resuming would mix trials of two experiments. Restore "
-            "those fields, or start a new run without --resume (only "
-            f"{', '.join(REDUCER_ONLY_SECTIONS)} may change on a resume)"
+            f"--resume: {', '.join(growth.refused)} differ from the config logged with run "
+            f"{parent.info.run_id} (its config.yaml artifact); changing them would alter trials "
+            "that exist. Restore those fields, or start a new run without --resume (a resume "
+            f"may add to {', '.join(GROWABLE)} and change {', '.join(FREE_SECTIONS)} freely)"
         )
+    return growth
+
+
+def resume_plan(config: ExperimentConfig) -> tuple[list[TargetSpec], Callable[[Any], bool]]:
+    """For `ratatouille plan CONFIG --resume`: the target trials of the resumed (maybe grown)
+    experiment, and which trials a resume keeps: those whose MLflow run finished, and auxiliary
+    or pretrain trials whose weights the pool already holds. Reads the stores only."""
+    check_resumable(config)  # a refused change stops the plan as it stops the run
+    tracker, _ = _run_to_resume(config.name, config.tracking.mlflow_uri)
+    finished = tracker.finished_trial_keys()
+    targets = target_trials(config, experiment_cells(config), tracker, resumed=True)
+    pool = Pool(pool_path(config))
+    pretrained = Pool(sibling_location(pool_path(config), "pretrained"))
+    heads = HeadStore(sibling_location(pool.root, "aux_heads"))
+
+    def done(spec: Any) -> bool:
+        if spec.key in finished:
+            return True
+        if isinstance(spec, AuxSpec):
+            return spec.name in pool and (not spec.robust or robust_name(spec.name) in pool)
+        if isinstance(spec, AuxProbeSpec):
+            return spec.name in heads
+        return isinstance(spec, PretrainSpec) and spec.name in pretrained
+
+    return targets, done
 
 
 def run_pipeline(
@@ -300,8 +338,7 @@ def run_pipeline(
     """
     check_ray_address()
     check_experiment(config)
-    if resume:
-        check_resumable(config)
+    growth = check_resumable(config) if resume else None
     command = "ratatouille run --resume" if resume else "ratatouille run"
     if reduce_only:
         command = "ratatouille reduce"
@@ -318,6 +355,11 @@ def run_pipeline(
     try:
         with _sigterm_as_interrupt():
             state = run_stages(config, runner)
+            if growth is not None and growth.grows:
+                number = tracker.log_growth(
+                    config.model_dump(mode="json"), growth.added, runner.grown
+                )
+                print(f"growth {number}: {growth.summary()}", file=sys.stderr, flush=True)
             outcome = reduce_and_log(config, state, tracker)
     except (SweepIncomplete, KeyboardInterrupt):
         tracker.finish_parent("KILLED")

@@ -7,6 +7,7 @@ Tune's storage for checkpoints. MLflow is written by the driver through a Tune c
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import tempfile
@@ -433,6 +434,8 @@ class StageRunner:
     restore_only: bool = False
     #: target trials that diverged after every retry: left out of the reducer, reported
     excluded: list[Excluded] = field(default_factory=list)
+    #: per stage, the trials a resume added to the experiment (its config grew)
+    grown: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.tracker.parent_id is not None, "start the parent run before the stages"
@@ -447,7 +450,9 @@ class StageRunner:
             tune.with_parameters(_trainable, context=context), self._resources()
         )
 
-    def _new_tuner(self, stage: Stage, specs: list[TrialSpec], trainable: Any) -> tune.Tuner:
+    def _new_tuner(
+        self, stage: Stage, specs: list[TrialSpec], trainable: Any, name: str
+    ) -> tune.Tuner:
         # The latest checkpoint only: it resumes a restarted trial where it stopped, and a
         # target trial's latest checkpoint also holds its best weights (recipe.stages).
         checkpoints = tune.CheckpointConfig(num_to_keep=1)
@@ -473,7 +478,7 @@ class StageRunner:
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=str(stage),
+                name=name,
                 storage_path=self.run_dir,
                 verbose=1,
                 progress_reporter=progress,
@@ -486,26 +491,55 @@ class StageRunner:
     def run(
         self, stage: Stage, specs: list[TrialSpec], context: TrialContext
     ) -> list[TrialOutcome]:
-        """Fit (or restore and finish) one stage; every trial must end without error."""
+        """Fit (or restore and finish) one stage; every trial must end without error.
+
+        A resume restores each Tune experiment of the stage (the first, then one per growth)
+        and finishes what they hold; the requested trials none of them holds (an experiment
+        grown by the config) run as a new experiment of their own beside them."""
         if not specs:
             return []
-        path = f"{self.run_dir}/{stage}"
         trainable = self._trainable(context)
-        if (self.resume or self.restore_only) and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-        elif self.restore_only:
-            raise SweepIncomplete(
-                f"stage {stage!r} has no results under {path}: "
-                "run `ratatouille run CONFIG --resume` to finish the sweep"
-            )
+        if not (self.resume or self.restore_only):
+            results = _listed(self._new_tuner(stage, specs, trainable, str(stage)).fit())
         else:
-            tuner = self._new_tuner(stage, specs, trainable)
-        grid = tuner.get_results() if self.restore_only else tuner.fit()
+            results = self._restored(stage, specs, trainable)
         self.tracker.flush()  # the stage's trial records are in the store before it ends
-        outcomes = self._outcomes(stage, grid, expected=len(specs))
+        wanted = {spec.key for spec in specs}
+        results = [r for r in results if spec_from_plain(r.config["spec"]).key in wanted]
+        outcomes = self._outcomes(stage, results, expected=len(specs))
         # Tune's result order differs between fit and restore; the reducer breaks ties by order.
         order = {spec.key: index for index, spec in enumerate(specs)}
         return sorted(outcomes, key=lambda o: order.get(o.spec.key, len(order)))
+
+    def _experiments(self, stage: Stage) -> list[str]:
+        """The stage's Tune experiments that exist: ``<stage>``, ``<stage>.growth-1``, ..."""
+        names: list[str] = []
+        for index in itertools.count():
+            name = str(stage) if index == 0 else f"{stage}.growth-{index}"
+            if not tune.Tuner.can_restore(f"{self.run_dir}/{name}"):
+                return names
+            names.append(name)
+        raise AssertionError("unreachable")
+
+    def _restored(self, stage: Stage, specs: list[TrialSpec], trainable: Any) -> list[Any]:
+        names = self._experiments(stage)
+        results: list[Any] = []
+        for name in names:
+            path = f"{self.run_dir}/{name}"
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+            results += _listed(tuner.get_results() if self.restore_only else tuner.fit())
+        held = {spec_from_plain(r.config["spec"]).key for r in results}
+        missing = [spec for spec in specs if spec.key not in held]
+        if not missing:
+            return results
+        if self.restore_only:
+            raise SweepIncomplete(
+                f"stage {str(stage)!r} has {len(missing)} trials with no results under "
+                f"{self.run_dir}: run `ratatouille run CONFIG --resume` to train them"
+            )
+        name = str(stage) if not names else f"{stage}.growth-{len(names)}"
+        self.grown[str(stage)] = [spec.trial_name for spec in missing]
+        return results + _listed(self._new_tuner(stage, missing, trainable, name).fit())
 
     def _outcomes(self, stage: Stage, grid: Any, expected: int) -> list[TrialOutcome]:
         """Finished trials. A target trial that diverged after every retry is excluded (and
@@ -554,6 +588,11 @@ class StageRunner:
                 f"unfinished. Finished trials are kept: `ratatouille run CONFIG --resume`."
             )
         return SweepIncomplete(f"stage {str(stage)!r}: expected {expected} trials. {keep}")
+
+
+def _listed(grid: Any) -> list[Any]:
+    """A ResultGrid's results (it iterates, but is not typed as an Iterable)."""
+    return list(grid)
 
 
 def run_remote(fn, resources, *args: Any):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ratatouille.core.arms import InitDraw, get_arm
+from ratatouille.core.arms import InitChoice, InitDraw, get_arm
 from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.names import PRETRAINED
 from ratatouille.core.seeding import seed_hash
@@ -308,9 +308,34 @@ def arm_sources(config: ExperimentConfig, arm_name: str) -> list[list[str]]:
     return groups
 
 
+def target_spec(
+    config: ExperimentConfig, cell: Cell, arm_name: str, run: int, init: InitChoice
+) -> TargetSpec:
+    """Target run ``run`` of an arm in a cell: hyperparameters from Table 3 drawn by the run's
+    index, the init its arm chose."""
+    steps, checkpoint_freq = _stage_steps(config)
+    target = config.target
+    hparams = random_hparams(
+        target.hparams,
+        seed_hash(config.seed, "target", cell.split_seed, run),
+        overrides=target.hparams_override,
+    )
+    return TargetSpec(
+        cell=cell,
+        arm=arm_name,
+        run=run,
+        init_source=init.init_source,
+        fusing=init.fusing,
+        hparams=HParams(**hparams),
+        steps=steps,
+        checkpoint_freq=checkpoint_freq,
+        lp_steps=0 if init.init_source == PRETRAINED else target.lp_steps,
+        seed=seed_hash(config.seed, config.data.dataset, arm_name, cell.key, run),
+    )
+
+
 def target_specs(config: ExperimentConfig, cells: list[Cell]) -> list[TargetSpec]:
     """n_runs trials per arm and cell, hyperparameters from Table 3, inits from the arm's policy."""
-    steps, checkpoint_freq = _stage_steps(config)
     target = config.target
     specs = []
     for cell in cells:
@@ -324,25 +349,7 @@ def target_specs(config: ExperimentConfig, cells: list[Cell]) -> list[TargetSpec
                 fusing_spread=target.fusing_spread,
             )
             for run, init in enumerate(get_arm(arm_name).init_policy(draw)):
-                hparams = random_hparams(
-                    target.hparams,
-                    seed_hash(config.seed, "target", cell.split_seed, run),
-                    overrides=target.hparams_override,
-                )
-                specs.append(
-                    TargetSpec(
-                        cell=cell,
-                        arm=arm_name,
-                        run=run,
-                        init_source=init.init_source,
-                        fusing=init.fusing,
-                        hparams=HParams(**hparams),
-                        steps=steps,
-                        checkpoint_freq=checkpoint_freq,
-                        lp_steps=0 if init.init_source == PRETRAINED else target.lp_steps,
-                        seed=seed_hash(config.seed, config.data.dataset, arm_name, cell.key, run),
-                    )
-                )
+                specs.append(target_spec(config, cell, arm_name, run, init))
     return specs
 
 
@@ -419,6 +426,9 @@ def plan_rows(
     cells: list[Cell],
     domain_sizes: Callable[[str], list[int]],
     rates: Rates,
+    *,
+    targets: list[TargetSpec] | None = None,
+    done: Callable[[Any], bool] = lambda spec: False,
 ) -> list[dict[str, Any]]:
     """Trials, training images and evaluated images per stage, and the GPU-hours they cost.
 
@@ -429,6 +439,9 @@ def plan_rows(
     run on cached features (negligible). A target trial also predicts its test domain once at
     the end. The reducer's soups are evaluated on ID-val and OOD per arm and cell: the greedy
     soup n_runs - 1 times on ID-val, the uniform soup once, both once on OOD.
+
+    A resume prices only what it would train: ``targets`` are the grown experiment's target
+    trials (default: a new sweep's), and a trial ``done`` says is kept is not counted.
     """
     holdout = config.data.holdout_fraction
     sizes = domain_sizes(config.data.dataset)
@@ -438,21 +451,24 @@ def plan_rows(
 
     rows = []
     pretrain = pretrain_spec(config)
-    for stage, specs in (("pretrain", [pretrain] if pretrain else []), ("aux", aux_specs(config))):
+    stages = (("pretrain", [pretrain] if pretrain else []), ("aux", aux_specs(config)))
+    for stage, every in stages:
+        specs = [spec for spec in every if not done(spec)]
         train = sum(s.steps * s.hparams.batch_size * len(domain_sizes(s.task)) for s in specs)
         evals = sum(_evaluations_of(s) * round(holdout * sum(domain_sizes(s.task))) for s in specs)
         if stage == "aux" and config.aux.head_init == "probe":
             # one feature extraction over every domain of each auxiliary task; the head steps
             # run on the cached features (as the target's probe)
-            heads = aux_probe_specs(config)
+            heads = [spec for spec in aux_probe_specs(config) if not done(spec)]
             extract = sum(sum(domain_sizes(h.task)) for h in heads)
             rows.append(_row("aux_probe", heads, 0, extract, rates))
         if stage == "aux" or specs:
             rows.append(_row(stage, specs, train, evals, rates))
     domains = len(sizes) - 1  # leave-one-domain-out
-    probes = probe_specs(config, cells)
+    probes = [spec for spec in probe_specs(config, cells) if not done(spec)]
     rows.append(_row("probe", probes, 0, sum(split(p.cell)[0] for p in probes), rates))
-    targets = target_specs(config, cells)
+    every_target = target_specs(config, cells) if targets is None else targets
+    targets = [spec for spec in every_target if not done(spec)]
     train = sum(s.steps * s.hparams.batch_size * domains for s in targets)
     evals = sum(
         evaluations(s.steps, s.checkpoint_freq) * round(holdout * split(s.cell)[0])

@@ -63,6 +63,7 @@ GIT_DIRTY = "ratatouille.git_dirty"
 #: results it has held (the step of its metrics' latest points).
 REDUCTION_SHA256 = "ratatouille.reduction_sha256"
 REDUCTIONS = "ratatouille.reductions"
+GROWTHS = "ratatouille.growths"  # on the parent: how many times --resume grew the experiment
 REDUCER_DEVICE = "ratatouille.reducer_device"  # cpu or cuda: where the reducer's tasks evaluated
 #: Model version tag: a digest of the final model's weights, so equal weights are never
 #: registered twice.
@@ -271,6 +272,57 @@ class Tracker:
         for key, value in _parent_params(config).items():
             self.client.log_param(self.parent_id, key, value)
         return self.parent_id
+
+    # -- growth (an experiment that a resume grew) --------------------------------------
+    def log_planned_trials(self, stage: str, plain_specs: list[Mapping[str, Any]]) -> None:
+        """Every trial a stage has, as specs: what a later resume keeps and grows from."""
+        assert self.parent_id is not None, "start the parent run first"
+        text = json.dumps([dict(plain) for plain in plain_specs], indent=1, sort_keys=True)
+        self.client.log_text(self.parent_id, text, f"trials/{stage}.json")
+
+    def planned_trials(self, stage: str) -> list[dict[str, Any]] | None:
+        """The specs :meth:`log_planned_trials` logged; None for a run logged before them."""
+        assert self.parent_id is not None, "start the parent run first"
+        run = self.client.get_run(self.parent_id)
+        try:
+            text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/trials/{stage}.json")
+        except Exception:  # MLflow raises per store kind (OSError, MlflowException): absent
+            return None
+        return list(json.loads(text))
+
+    def finished_trial_keys(self) -> set[str]:
+        """The trial keys of the parent's child runs that finished."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'FINISHED'",
+            max_results=50000,
+        )
+        return {run.data.tags[TRIAL_KEY] for run in runs if TRIAL_KEY in run.data.tags}
+
+    def log_growth(
+        self, config: Mapping[str, Any], added: Mapping[str, Any], trials: Mapping[str, list[str]]
+    ) -> int:
+        """Record one growth on the parent run: ``growth/<n>.json`` (what was added, when, the
+        trials it brought), the grown config as ``config.yaml`` (the one before it kept as
+        ``growth/<n>-before.yaml``) and the count in a tag. Params stay as first logged (MLflow
+        params are immutable)."""
+        assert self.parent_id is not None, "start the parent run first"
+        run = self.client.get_run(self.parent_id)
+        number = int(run.data.tags.get(GROWTHS, 0)) + 1
+        before = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+        record = {
+            "growth": number,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "added": dict(added),
+            "trials": {stage: list(names) for stage, names in trials.items()},
+        }
+        self.client.log_text(self.parent_id, before, f"growth/{number}-before.yaml")
+        self.client.log_text(self.parent_id, json.dumps(record, indent=1), f"growth/{number}.json")
+        self.client.log_text(
+            self.parent_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml"
+        )
+        self.client.set_tag(self.parent_id, GROWTHS, str(number))
+        return number
 
     def parent_location(self) -> str:
         """Where a person finds the parent run: its page on a tracking server, or the store
