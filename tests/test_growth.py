@@ -223,9 +223,7 @@ def test_a_contributed_featurizer_grows_the_experiment_training_only_new_runs(
     (reducer,) = [r for r in after.values() if r.data.tags.get("ratatouille.role") == "reducer"]
     points = client.get_metric_history(reducer.info.run_id, "ood_acc/ratatouille_uniform")
     assert len(points) == 2
-    table = json.loads(
-        mlflow.artifacts.load_text(f"{reducer.info.artifact_uri}/comparison.json")
-    )
+    table = json.loads(mlflow.artifacts.load_text(f"{reducer.info.artifact_uri}/comparison.json"))
     by_strategy = {row[table["columns"].index("strategy")]: row for row in table["data"]}
     n_models = by_strategy["ratatouille_uniform"][table["columns"].index("n_models")]
     assert n_models == 3  # the uniform soup of the arm's runs: the two old ones and the new one
