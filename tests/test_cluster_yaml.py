@@ -102,9 +102,16 @@ def test_head_runs_mlflow_server_with_database_backend_and_s3_artifacts(cluster)
     options = dict(itertools.pairwise(args))
     assert re.match(r"(sqlite|postgresql|mysql)[a-z+]*://", options["--backend-store-uri"])
     assert options["--artifacts-destination"].startswith("s3://")
-    assert options["--host"] == "0.0.0.0"
+    # loopback only: the driver is on the head, users come through an SSH tunnel
+    assert options["--host"] == "127.0.0.1"
     assert command.rstrip(")").rstrip().endswith("&")  # in the background: `ray up` must not block
-    assert env_exports(cluster)["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{options['--port']}"
+    served = f"http://{options['--host']}:{options['--port']}"
+    assert env_exports(cluster)["MLFLOW_TRACKING_URI"] == served  # the driver, on the head
+    assert f"curl -sf {served}/health" in command  # the start command's own check
+    # users: an SSH tunnel to the head's loopback, as the file and the docs say
+    tunnel = f"ray attach cluster.yaml -p {options['--port']}"
+    assert tunnel in (REPO / "cluster.yaml").read_text()
+    assert tunnel in (REPO / "docs" / "cluster.md").read_text()
     # only the head gets the tracking URI: the driver is MLflow's single writer
     assert "MLFLOW_TRACKING_URI" not in " ".join(cluster["setup_commands"])
 

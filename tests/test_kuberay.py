@@ -3,10 +3,12 @@ needs. Nothing here talks to a Kubernetes cluster."""
 
 from __future__ import annotations
 
+import configparser
 import copy
 import itertools
 import json
 import re
+import secrets
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 import yaml
 
 from ratatouille.core.config import parse_config
+from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "deploy" / "kuberay"
@@ -233,10 +236,12 @@ def test_mlflow_is_its_own_service_that_the_driver_logs_to(raycluster, job_confi
     assert env(head)["MLFLOW_TRACKING_URI"] == url
     assert job_config["tracking"]["mlflow_uri"] == url
     # the SQLite database is on a volume that outlives the pod
-    (volume,) = deployment["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v
+    ]
     claim = one("mlflow.yaml", "PersistentVolumeClaim")["metadata"]["name"]
     assert volume["persistentVolumeClaim"]["claimName"] == claim
-    (mount,) = container["volumeMounts"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     assert options["--backend-store-uri"].removeprefix("sqlite:///").startswith(mount["mountPath"])
 
 
@@ -272,10 +277,185 @@ def test_every_pod_runs_the_image_the_dockerfile_builds(raycluster, pyproject):
     assert re.fullmatch(rf"rayproject/ray:{re.escape(pinned)}\.\d+-py311-gpu", base)
     assert base.split(":")[1].split("-")[0] == raycluster["spec"]["rayVersion"]
     # the package is installed from pyproject.toml, with what `pip install .` needs
-    assert re.search(r"^RUN pip install [^\n]*\"\.\[aws\]\"", dockerfile, flags=re.M)
+    (extras,) = re.findall(r"^RUN pip install [^\n]*\"\.\[([\w,]+)\]\"", dockerfile, flags=re.M)
+    optional = pyproject["project"]["optional-dependencies"]
+    installed = [dep for extra in extras.split(",") for dep in optional[extra]]
+    assert any(dep.startswith("boto3") for dep in installed)  # S3
+    assert any(dep.startswith("mlflow[auth]") for dep in installed)  # mlflow.yaml's basic auth
     readme = pyproject["project"]["readme"]
     assert re.search(rf"^COPY \S* ?pyproject\.toml {readme} \./$", dockerfile, flags=re.M)
     assert re.search(r"^COPY \S* ?ratatouille \./ratatouille$", dockerfile, flags=re.M)
     assert re.search(r"^COPY \S* ?experiments \./experiments$", dockerfile, flags=re.M)
     assert re.search(rf"^WORKDIR {WORKDIR}$", dockerfile, flags=re.M)
     assert "torch==2.14.1" in pyproject["project"]["dependencies"]
+
+
+AUTH_SECRET = "ratatouille-mlflow-auth"
+
+
+def mlflow_container() -> dict:
+    (container,) = one("mlflow.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def secret_refs(container: dict) -> dict[str, tuple[str, str]]:
+    """name -> (Secret, key) of the env entries a container takes from Secrets."""
+    return {
+        e["name"]: (ref["name"], ref["key"])
+        for e in container.get("env", [])
+        if (ref := e.get("valueFrom", {}).get("secretKeyRef"))
+    }
+
+
+def pod_labels(group: dict, node_type: str) -> dict[str, str]:
+    """The labels of a Ray pod: its template's and those KubeRay adds (ray.io/node-type,
+    ray.io/cluster, ...; the cluster name is generated for a RayJob, so only the type is
+    predictable)."""
+    return {
+        **group["template"].get("metadata", {}).get("labels", {}),
+        "ray.io/node-type": node_type,
+    }
+
+
+def test_mlflow_requires_a_login_whose_credentials_come_from_a_secret(raycluster, rayjob):
+    container = mlflow_container()
+    options = dict(itertools.pairwise(container["command"]))
+    assert options["--app-name"] == "basic-auth"
+    refs = secret_refs(container)
+    assert refs["MLFLOW_AUTH_ADMIN_USERNAME"] == (AUTH_SECRET, "username")
+    assert refs["MLFLOW_AUTH_ADMIN_PASSWORD"] == (AUTH_SECRET, "password")
+    assert refs["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == AUTH_SECRET
+    # MLflow's auth settings: the ConfigMap mounted where MLFLOW_AUTH_CONFIG_PATH points
+    ini_path = Path(env(container)["MLFLOW_AUTH_CONFIG_PATH"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = one("mlflow.yaml", "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (auth_volume,) = [v for v in volumes if "configMap" in v]
+    assert mounts[auth_volume["name"]] == str(ini_path.parent)
+    configmap = next(
+        d
+        for d in documents("mlflow.yaml")
+        if d["metadata"]["name"] == auth_volume["configMap"]["name"]
+    )
+    ini = configparser.ConfigParser()
+    ini.read_string(configmap["data"][ini_path.name])
+    assert "admin_password" not in ini["mlflow"]
+    # the user database on the volume that keeps the runs, not in the pod's ephemeral disk
+    database = ini["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert database.startswith(mounts["db"] + "/")
+    # the driver (the head) logs in with the same Secret; workers never talk to MLflow
+    for spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert secret_refs(head)["MLFLOW_TRACKING_USERNAME"] == refs["MLFLOW_AUTH_ADMIN_USERNAME"]
+        assert secret_refs(head)["MLFLOW_TRACKING_PASSWORD"] == refs["MLFLOW_AUTH_ADMIN_PASSWORD"]
+        for group in spec["workerGroupSpecs"]:
+            for worker in group["template"]["spec"]["containers"]:
+                assert not {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD"} & {
+                    e["name"] for e in worker.get("env", [])
+                }
+
+
+SECRET_WORDS = re.compile(r"password|secret|token|credential", re.I)
+
+
+def test_no_secret_is_in_a_manifest_a_configmap_or_the_image():
+    manifests = [d for path in sorted(KUBERAY.glob("*.yaml")) for d in documents(path.name)]
+    # no Secret is committed: the docs say how to make each one
+    assert not [d for d in manifests if d["kind"] == "Secret"]
+    for configmap in [d for d in manifests if d["kind"] == "ConfigMap"]:
+        for key, text in configmap["data"].items():
+            for line in text.splitlines():
+                setting = line.split("#")[0]
+                assert not (SECRET_WORDS.search(setting) and re.search(r"[=:]\s*\S", setting)), (
+                    f"{configmap['metadata']['name']}/{key}: {line.strip()}"
+                )
+
+    # every container's secret-looking variable comes from a Secret, never a literal value
+    def walk(node: Any) -> list[dict]:
+        if isinstance(node, dict):
+            found = [node] if "image" in node and "name" in node else []
+            return found + [c for value in node.values() for c in walk(value)]
+        return [c for item in node for c in walk(item)] if isinstance(node, list) else []
+
+    containers_found = [c for d in manifests for c in walk(d)]
+    assert len(containers_found) >= 4
+    for container in containers_found:
+        for entry in container.get("env", []):
+            if SECRET_WORDS.search(entry["name"]):
+                assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], entry
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    assert not [
+        line
+        for line in dockerfile.splitlines()
+        if line.startswith(("ENV", "ARG")) and SECRET_WORDS.search(line)
+    ]
+
+
+def test_only_the_ray_heads_may_open_a_connection_to_mlflow(raycluster, rayjob):
+    (policy,) = [d for d in documents("mlflow.yaml") if d["kind"] == "NetworkPolicy"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    mlflow_pod = one("mlflow.yaml", "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= mlflow_pod.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (source,) = rule["from"]  # pods of this namespace only: no namespaceSelector, no ipBlock
+    assert list(source) == ["podSelector"]
+    allowed = source["podSelector"]["matchLabels"]
+    assert allowed and "matchExpressions" not in source["podSelector"]
+    (port,) = rule["ports"]
+    assert port == {"protocol": "TCP", "port": int(mlflow_container()["ports"][0]["containerPort"])}
+    for cluster_spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        head = pod_labels(cluster_spec["headGroupSpec"], "head")
+        assert allowed.items() <= head.items()
+        for group in cluster_spec["workerGroupSpecs"]:
+            assert not allowed.items() <= pod_labels(group, "worker").items()
+    assert not allowed.items() <= mlflow_pod.items()
+
+
+def test_basic_auth_as_deployed_refuses_strangers_and_admits_the_driver(
+    tmp_path, raycluster, monkeypatch
+):
+    """The Deployment's auth, run for real on loopback: its ConfigMap (user database moved
+    from the volume to tmp_path), its environment with a made-up Secret; the head's
+    credentials log a run; no login, or a wrong one, gets 401."""
+    import requests
+
+    from ratatouille.tracking.server import mlflow_server
+    from ratatouille.tracking.store import Tracker
+
+    secret = {
+        "username": "admin",
+        "password": secrets.token_urlsafe(16),
+        "flask-secret-key": secrets.token_hex(16),
+    }
+    container = mlflow_container()
+    volumes = one("mlflow.yaml", "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (auth_volume,) = [v for v in volumes if "configMap" in v]
+    configmap = next(
+        d
+        for d in documents("mlflow.yaml")
+        if d["metadata"]["name"] == auth_volume["configMap"]["name"]
+    )
+    ini_name = Path(env(container)["MLFLOW_AUTH_CONFIG_PATH"]).name
+    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["db"]
+    ini = configmap["data"][ini_name].replace(f"sqlite:///{mount}/", f"sqlite:///{tmp_path}/")
+    (tmp_path / ini_name).write_text(ini)
+    server_env = {name: secret[key] for name, (_, key) in secret_refs(container).items()}
+    server_env["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / ini_name)
+    app = dict(itertools.pairwise(container["command"]))["--app-name"]
+    backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mlflow_server(backend, tmp_path, app_name=app, env=server_env) as url:
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"
+        assert requests.get(search, timeout=30).status_code == 401
+        wrong = requests.get(search, auth=("admin", "not-the-password"), timeout=30)
+        assert wrong.status_code == 401
+        head = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        for name, (_, key) in secret_refs(head).items():
+            monkeypatch.setenv(name, secret[key])
+        tracker = Tracker("behind-auth", url)
+        tracker.start_parent(str(tmp_path / "run-1"), tiny_config(tmp_path).model_dump(mode="json"))
+        tracker.finish_parent()
+        assert (tmp_path / "basic_auth.db").is_file()
+        listed = requests.get(search, auth=(secret["username"], secret["password"]), timeout=30)
+        assert listed.status_code == 200
+        assert "behind-auth" in {e["name"] for e in listed.json()["experiments"]}

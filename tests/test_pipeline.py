@@ -19,15 +19,18 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import save_file
 
+from no_pickle import PRELUDE
 from ratatouille.cli.main import main
 from ratatouille.core.config import parse_config
 from ratatouille.core.names import FUSING, PRETRAINED
 from ratatouille.data import get_dataset, target_splits
+from ratatouille.engine.models import build_classifier
 from ratatouille.engine.train import evaluate_accuracy
 from ratatouille.orchestration.pipeline import pool_path, reduce_latest, run_pipeline
 from ratatouille.pool.store import Pool
 from ratatouille.recipe.sweep import aux_entry_name, robust_name
 from ratatouille.tracking.server import mlflow_server
+from ratatouille.tracking.store import weights_sha256
 from tiny import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -203,10 +206,15 @@ def test_reducer_run_logs_every_strategy_table_figures_and_model(sweep):
     assert versions[0].source == f"models:/{logged.model_id}"
     assert logged.source_run_id == outcome.parent_run_id
     assert [o.model_id for o in reducer.outputs.model_outputs] == [logged.model_id]
-    # The registered model is the final ratatouille model: its OOD accuracy, recomputed here
-    # from the registry, is the one logged for the strategy the reducer chose.
+    # The registered model is the final ratatouille model: its weights, read from the registry
+    # into a fresh timm classifier, score the OOD accuracy logged for the strategy the reducer
+    # chose, and are those its version's digest names.
     mlflow.set_tracking_uri(config.tracking.mlflow_uri)
-    model = mlflow.pytorch.load_model(f"models:/tiny-ratatouille/{versions[0].version}")
+    exported = mlflow.pytorch.load_model(f"models:/tiny-ratatouille/{versions[0].version}")
+    weights = exported.state_dict()
+    assert weights_sha256(weights) == versions[0].tags["weights_sha256"]
+    model = build_classifier(config.model.arch, weights["head.weight"].shape[0])
+    model.load_state_dict(weights)
     splits = target_splits(get_dataset("digits", seed=config.seed), [2], 0)
     strategy = outcome.final_strategies["rot30-split0"]
     assert strategy == "ratatouille_uniform"  # reduce.final_model's default
@@ -303,17 +311,20 @@ def test_the_champion_loads_in_a_fresh_process_and_scores_the_logged_ood_accurac
     assert "paper's main method" in champion.description
     cell = client.get_model_version_by_alias("tiny-ratatouille", "champion-rot30-split0")
     assert cell.version == champion.version
+    assert champion.tags["ratatouille.model_format"] == "pt2"
     # the held-out domain in full, as the reducer's OOD split holds it
     digits = get_dataset("digits", seed=config.seed)
     held_out = digits.domain(digits.domains.index("rot30"), train=False)
     images = torch.stack([held_out[i][0] for i in range(len(held_out))])
     labels = torch.tensor([held_out[i][1] for i in range(len(held_out))])
     save_file({"images": images}, str(tmp_path / "ood.safetensors"))
-    script = (
+    # a fresh process in which nothing can be unpickled (tests/no_pickle.py): the champion is a
+    # torch.export program, already in eval mode
+    script = PRELUDE + (
         "import sys, mlflow, torch\n"
         "from safetensors.torch import load_file\n"
         f"mlflow.set_tracking_uri({config.tracking.mlflow_uri!r})\n"
-        "model = mlflow.pytorch.load_model('models:/tiny-ratatouille@champion').eval()\n"
+        "model = mlflow.pytorch.load_model('models:/tiny-ratatouille@champion')\n"
         "with torch.no_grad():\n"
         "    logits = model(load_file(sys.argv[1])['images'])\n"
         "print(','.join(str(int(k)) for k in logits.argmax(1)))\n"

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -48,20 +48,33 @@ def _stop(server: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, folder: Path, timeout_s: float = 180) -> Iterator[str]:
+def mlflow_server(
+    backend_uri: str,
+    folder: Path,
+    timeout_s: float = 180,
+    app_name: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
     """Serve ``backend_uri`` with the `mlflow` beside this Python; yields its base URL and stops
     it whatever happens. ``folder`` receives `server.log` (and is the server's working folder,
-    where it would put artifacts of new runs)."""
+    where it would put artifacts of new runs). ``app_name`` (`basic-auth`) and ``env`` (added
+    to this process's environment) serve it as a deployment would."""
     url = f"http://127.0.0.1:{_free_port()}"
     command = [
         str(Path(sys.executable).with_name("mlflow")),
         *("server", "--backend-store-uri", backend_uri, "--workers", "1"),
         *("--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]),
+        *(("--app-name", app_name) if app_name else ()),
     ]
     log_path = folder / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=folder,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             if not _wait_until_healthy(url, server, timeout_s):

@@ -68,6 +68,10 @@ REDUCER_DEVICE = "ratatouille.reducer_device"  # cpu or cuda: where the reducer'
 #: Model version tag: a digest of the final model's weights, so equal weights are never
 #: registered twice.
 WEIGHTS_SHA256 = "weights_sha256"
+#: Model version tags: how the model is serialized ("pt2": torch.export, loads without
+#: unpickling; "pickle": the fallback for an architecture torch.export cannot trace) and why.
+MODEL_FORMAT = "ratatouille.model_format"
+MODEL_FORMAT_REASON = "ratatouille.model_format_reason"
 #: Alias of the latest final model of an experiment; each cell's also gets `champion-<cell>`.
 CHAMPION = "champion"
 #: MLflow 3's experiment kind; "custom_model_development" is its "Machine learning" kind.
@@ -647,23 +651,32 @@ class Tracker:
         on the row of the run that logged it, and the parent's is the one row shown until it is
         expanded), register it, and list it among the reducer run's outputs.
 
-        The package source travels with it (code_paths) so the model loads where ratatouille is
-        not installed; explicit requirements spare MLflow's slow inference by re-importing.
+        The model is a torch.export program (MLflow's "pt2"): loading it unpickles nothing
+        beyond tensors, so `models:/NAME@champion` is safe to load from a shared registry. An
+        architecture torch.export cannot trace falls back to MLflow's pickle format, with
+        the package source (code_paths) so it loads where ratatouille is not installed, and
+        the version's MODEL_FORMAT / MODEL_FORMAT_REASON tags say so and why. Explicit
+        requirements spare MLflow's slow inference by re-importing.
         """
         from mlflow.models import infer_signature
 
+        example = _batch_of_two(input_example)
         with torch.no_grad():
-            output = model(torch.tensor(input_example)).numpy()
+            output = model(torch.from_numpy(example)).numpy()
+        failure = _export_failure(model, example)
+        tags = {**tags, MODEL_FORMAT: "pickle" if failure else "pt2"}
+        if failure:
+            tags[MODEL_FORMAT_REASON] = failure
+            log.warning("%s: logged with pickle, torch.export failed: %s", artifact_name, failure)
         with mlflow.start_run(run_id=self.parent_id):
-            # pickle, not pt2: torch.export cannot trace every timm architecture.
             info = mlflow.pytorch.log_model(
                 model,
                 name=artifact_name,
                 tags=dict(tags),
-                signature=infer_signature(input_example, output),
-                input_example=input_example,
-                serialization_format="pickle",
-                code_paths=[str(Path(__file__).parents[1])],
+                signature=infer_signature(example, output),
+                input_example=example,
+                serialization_format="pickle" if failure else "pt2",
+                code_paths=[str(Path(__file__).parents[1])] if failure else None,
                 pip_requirements=_model_requirements(),
             )
         version = str(
@@ -674,6 +687,25 @@ class Tracker:
             run_id, f"registered_model/{artifact_name}", f"{registered_name}/{version}"
         )
         return version
+
+
+def _batch_of_two(example: np.ndarray) -> np.ndarray:
+    """At least two rows: torch.export turns a batch dimension of 1 into a constant, and the
+    exported model would then refuse every other batch size."""
+    return example if len(example) > 1 else np.concatenate([example, example])
+
+
+def _export_failure(model: torch.nn.Module, example: np.ndarray) -> str | None:
+    """Why torch.export cannot trace ``model`` the way MLflow's pt2 format does (batch
+    dimension dynamic), or None when it can. Tried before `log_model`, which would otherwise
+    leave a half-made logged model behind in the experiment."""
+    batch = {0: torch.export.Dim.AUTO}
+    try:
+        torch.export.export(model, (torch.from_numpy(example),), dynamic_shapes=[batch])
+    except Exception as error:  # torch.export raises many kinds; each one means "cannot"
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first_line}"[:500]
+    return None
 
 
 def _model_requirements() -> list[str]:
