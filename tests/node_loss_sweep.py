@@ -1,8 +1,11 @@
 """Run by test_cluster.py in its own process: the worker node dies while target trials run.
 
-The head has no CPU, so every trial runs on the worker. As soon as the target trials have
-checkpointed a few evaluations, the worker node is removed (as a preempted cloud node is) and a
-fresh one is added. Prints a JSON summary on its last line.
+The head has no CPU, so every trial runs on the worker. Trials snapshot on a time budget
+(resources.snapshot_every_s, here SNAPSHOT_EVERY_S) while evaluating every checkpoint_freq
+steps. As soon as a target trial has stored its second snapshot, the worker node is removed (as
+a preempted cloud node is) and a fresh one is added. Prints a JSON summary on its last line,
+with every Tune report of every target trial (progress.csv), so the test can check from where
+each restarted trial resumed.
 """
 
 from __future__ import annotations
@@ -23,15 +26,25 @@ from ratatouille.orchestration.pipeline import run_pipeline
 from tiny import tiny_config
 
 NODE = {"object_store_memory": 150 * 1024**2}
+SNAPSHOT_EVERY_S = 0.3
+CHECKPOINT_FREQ = 5
+TUNE_COLUMNS = [
+    "step",
+    "checkpoint_dir_name",
+    "iterations_since_restore",
+    "time_total_s",
+    "id_val_acc",
+    "loss",
+]
 
 
 def _replace_worker_when_targets_checkpointed(cluster, worker, target_dir: Path, log: dict):
-    """Once a target trial has checkpointed its third evaluation, the worker node dies (as a
+    """Once a target trial has stored its second snapshot, the worker node dies (as a
     preempted node does) and, 2 s later, a fresh one joins. Progress goes to stderr, which
     the test shows when it fails."""
     deadline = time.time() + 300
     while time.time() < deadline:
-        if any(target_dir.glob("target_*/checkpoint_000002")):
+        if any(target_dir.glob("target_*/checkpoint_000001/train_state.json")):
             print("removing the worker node", file=sys.stderr, flush=True)
             cluster.remove_node(worker)
             time.sleep(2)
@@ -52,8 +65,8 @@ def main(root: Path) -> dict:
         root,
         name="node-loss",
         aux={"tasks": []},
-        target={"arms": ["soups"], "n_runs": 2, "steps": 60, "checkpoint_freq": 5},
-        resources={"cpus_per_trial": 1, "max_failures": 3},
+        target={"arms": ["soups"], "n_runs": 2, "steps": 80, "checkpoint_freq": CHECKPOINT_FREQ},
+        resources={"cpus_per_trial": 1, "max_failures": 3, "snapshot_every_s": SNAPSHOT_EVERY_S},
     )
     log: dict = {"lost_node": worker.node_id}
     run_dir_glob = Path(config.tracking.storage_path, "node-loss")
@@ -71,10 +84,13 @@ def main(root: Path) -> dict:
     )
     targets = [r for r in runs if r.data.tags.get("stage") == "target"]
     run_dir = next(run_dir_glob.glob("run-*"))
-    progress = {
-        path.parent.name.split("_")[3]: pd.read_csv(path).step.dropna().astype(int).tolist()
-        for path in (run_dir / "target").glob("target_*/progress.csv")
-    }
+    progress, rows = {}, {}
+    for path in (run_dir / "target").glob("target_*/progress.csv"):
+        run = path.parent.name.split("_")[3]
+        table = pd.read_csv(path)
+        progress[run] = table.step.dropna().astype(int).tolist()
+        reports = table[table.step.notna()][TUNE_COLUMNS]
+        rows[run] = json.loads(reports.to_json(orient="records"))
     summary = {
         **log,
         "target_runs": [
@@ -90,6 +106,9 @@ def main(root: Path) -> dict:
             for r in targets
         ],
         "tune_steps": progress,
+        "tune_rows": rows,
+        "snapshot_every_s": SNAPSHOT_EVERY_S,
+        "checkpoint_freq": CHECKPOINT_FREQ,
         "table": outcome.table_markdown,
     }
     ray.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from faults import FailingReporter, InjectedFault
 from ratatouille.core.names import FUSING, PRETRAINED
 from ratatouille.engine.models import create_featurizer
+from ratatouille.recipe import stages
 from ratatouille.recipe.checks import experiment_cells
 from ratatouille.recipe.stages import context_for, init_featurizer, run_trial
 from ratatouille.recipe.sweep import aux_probe_specs, aux_specs, probe_specs, target_specs
@@ -45,32 +47,53 @@ def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_target_checkpoints_every_evaluation_with_the_best_weights_so_far(setup):
+def test_target_writes_its_weights_once_and_snapshots_hold_the_best_so_far(setup):
     config, ctx, cells = setup
     spec = next(s for s in target_specs(config, cells) if s.init_source == PRETRAINED)
     reporter = ListReporter()
     run_trial(spec, ctx, reporter)
-    *steps, (final, final_weights, _) = reporter.rows
-    assert final["done"] and final_weights is None
+    *steps, (final, final_weights, final_state) = reporter.rows
     assert [m["step"] for m, _, _ in steps] == [0, 3, 6, 9, 11]  # every checkpoint_freq, last
+    # snapshot_every_s 0: a train state at every checkpoint step but the last, no weights file
+    assert all(weights is None for _, weights, _ in steps)
+    assert [state is not None for _, _, state in steps] == [True, True, True, True, False]
     best, best_weights = float("-inf"), None
-    for metrics, weights, state in steps:
-        assert state is not None and state["step"] == metrics["step"]  # resumable each time
+    for metrics, _, state in steps[:-1]:
+        assert state["step"] == metrics["step"]
         if metrics["id_val_acc"] > best:  # strict: a tie keeps the earlier weights
             best, best_weights = metrics["id_val_acc"], state["model"]
-        assert _same(weights["model"], best_weights)
-    assert final["best_id_val_acc"] == best
+        assert _same(state["best_state"], best_weights)  # what a restored trial ends with
+    assert final["done"] and final_state is None and set(final_weights) == {"model"}
+    if steps[-1][0]["id_val_acc"] <= best:
+        assert _same(final_weights["model"], best_weights)
+    assert final["best_id_val_acc"] == max(best, steps[-1][0]["id_val_acc"])
 
 
-def test_auxiliary_run_reports_last_and_moving_average_featurizers(setup):
-    config, ctx, _ = setup
+def test_snapshots_follow_the_time_budget_not_the_evaluations(setup, monkeypatch):
+    config, _, cells = setup
+    spec = next(s for s in target_specs(config, cells) if s.arm == "soups")
+    now = [0.0]
+
+    def clock():  # each read of the clock: 1 s more of training
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(stages, "monotonic", clock)
     reporter = ListReporter()
-    run_trial(aux_specs(config)[0], ctx, reporter)
-    final, weights, _ = reporter.rows[-1]
-    assert set(weights) == {"featurizer", "featurizer_ma"}
-    assert 0.0 <= final["ma_id_val_acc"] <= 1.0
-    for metrics, _, state in reporter.rows[:-1]:  # resumable state at every checkpoint step
-        assert state is not None and state["step"] == metrics["step"]
+    ma_ctx = replace(setup[1], snapshot_every_s=2.5, ma_arms=("soups",))  # target.moving_average
+    run_trial(spec, ma_ctx, reporter)
+    *steps, (_final, final_weights, _) = reporter.rows
+    snapshot_steps = [m["step"] for m, _, state in steps if state is not None]
+    # clock reads: start 1; step 0: 2-1 < 2.5; step 3: 3-1 < 2.5; step 6: 4-1 >= 2.5, a
+    # snapshot, restarted at 5; step 9: 6-5 < 2.5; step 11, the last, never takes one
+    assert snapshot_steps == [6]
+    assert all("id_val_acc" in m for m, _, _ in steps)  # evaluation keeps its own frequency
+    assert set(final_weights) == {"model", "model_ma"}  # soups keep the moving average
+    (snap,) = [state for _, _, state in steps if state is not None]
+    assert snap["ma_state"] is not None and snap["best_state"] is not None
+    never = ListReporter()
+    run_trial(spec, replace(ma_ctx, snapshot_every_s=None), never)
+    assert all(state is None for _, _, state in never.rows)
 
 
 def test_fusing_init_is_the_lambda_weighted_featurizer(setup):

@@ -30,7 +30,8 @@ TINY: dict[str, Any] = {
         "hparams_override": {"lr": [1e-4, 3e-4]},
     },
     "reduce": {"ablation_draws": 2, "max_pairs": 3},
-    "resources": {"cpus_per_trial": 1, "max_failures": 0},
+    # a snapshot at every checkpoint_freq step: restarts in tests resume deterministically
+    "resources": {"cpus_per_trial": 1, "max_failures": 0, "snapshot_every_s": 0},
 }
 
 

@@ -275,6 +275,16 @@ class ResourcesConfig(_Section):
     gpus_per_trial: float = Field(0.0, ge=0.0)
     max_concurrent_trials: int | None = Field(None, gt=0)
     max_failures: int = Field(2, ge=0)
+    snapshot_every_s: float | None = Field(
+        300.0,
+        ge=0.0,
+        description="seconds of training between a trial's resumable snapshots (model, "
+        "optimizer, RNG, best weights so far) in Tune's storage: one is taken at the first "
+        "checkpoint_freq step after that long since the last, so a lost trial redoes at most "
+        "that much training (plus one checkpoint_freq segment); 0 = at every checkpoint_freq "
+        "step; null = never (a lost trial restarts from step 0). Evaluation keeps its own "
+        "schedule; the weights the reducer and the pool read are written once, at the end",
+    )
     images_per_second: float = Field(
         400.0,
         gt=0.0,

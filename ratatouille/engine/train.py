@@ -59,7 +59,7 @@ from ratatouille.engine.models import Classifier
 #: model.precision: bf16 autocast of forward passes on CUDA, or fp32 (the reference's)
 Precision = Literal["bf16", "fp32"]
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: RNG states as tensors and numbers (state_files, no pickle)
 # Fields that must match between a snapshot and the config that resumes it.
 _RESUME_FIELDS = (
     "steps",
@@ -320,10 +320,23 @@ class _MovingAverage:
 
 
 def _rng_state(device: torch.device) -> dict:
+    """Every RNG's state as tensors and numbers (state_files stores it without pickle)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, python_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": python_gauss,
+        },
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -332,8 +345,14 @@ def _rng_state(device: torch.device) -> dict:
 
 def _set_rng_state(state: Mapping, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"])
+    )
+    py_state = state["python"]
+    internal = tuple(int(v) for v in py_state["state"].tolist())
+    random.setstate((py_state["version"], internal, py_state["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 

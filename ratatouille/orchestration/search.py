@@ -7,6 +7,7 @@ Tune's storage for checkpoints. MLflow is written by the driver through a Tune c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -28,13 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.errors import UserError
-from ratatouille.core.names import (
-    TRAIN_STATE_FILE,
-    MetricKey,
-    Stage,
-    WeightsFile,
-)
+from ratatouille.core.names import MetricKey, Stage, WeightsFile
 from ratatouille.core.paths import stable_path
+from ratatouille.engine.state_files import load_train_state, save_train_state
 from ratatouille.engine.train import TrainingDiverged
 from ratatouille.recipe.specs import TrialSpec, spec_from_plain
 from ratatouille.recipe.stages import StateDict, TrialContext, run_trial
@@ -43,7 +40,6 @@ if TYPE_CHECKING:  # workers unpickle this module: keep mlflow out of their impo
     from ratatouille.tracking.store import Tracker
 
 TUNE_QUIET = {
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     # Tune's own table reporter (CLIReporter) needs the legacy output engine: the new
@@ -311,6 +307,9 @@ class TuneReporter:
         weights: Mapping[WeightsFile, StateDict] | None = None,
         train_state: Mapping[str, Any] | None = None,
     ) -> None:
+        """A metrics-only report, or one with a Tune checkpoint: a trial's snapshots (train
+        state, on resources.snapshot_every_s) and its closing report (its weights files, once).
+        Tune uploads the checkpoint inside this call, so both are kept rare."""
         row = {**{str(key): value for key, value in metrics.items()}, **self.placement}
         if not weights and train_state is None:
             tune.report(row)
@@ -320,17 +319,17 @@ class TuneReporter:
                 tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
                 save_file(tensors, os.path.join(folder, WeightsFile(name).filename))
             if train_state is not None:
-                torch.save(dict(train_state), os.path.join(folder, TRAIN_STATE_FILE))
+                save_train_state(dict(train_state), folder)
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
 
     def restored_state(self) -> dict[str, Any] | None:
+        """The train state of the trial's latest checkpoint, read without unpickling (a
+        bucket-writer must not run code on the worker); a pickled one is refused."""
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            path = os.path.join(folder, TRAIN_STATE_FILE)
-            # Our own checkpoint, written by this trial: optimizer and RNG states need pickle.
-            return torch.load(path, weights_only=False) if os.path.exists(path) else None
+            return load_train_state(folder)
 
 
 def trial_threads() -> int:
@@ -356,6 +355,18 @@ def read_weights(checkpoint: tune.Checkpoint, name: WeightsFile) -> StateDict:
     """A safetensors file of a trial's checkpoint (local or remote storage)."""
     with checkpoint.as_directory() as folder:
         return load_file(os.path.join(folder, name.filename))
+
+
+def _drop_snapshots(result: Any) -> None:
+    """Delete a finished trial's snapshots from storage: only its closing checkpoint (its
+    latest, the weights files) is read again. A snapshot that cannot be deleted only costs
+    storage."""
+    latest = result.checkpoint
+    for checkpoint, _metrics in result.best_checkpoints or []:
+        if latest is None or checkpoint.path == latest.path:
+            continue
+        with contextlib.suppress(OSError):
+            checkpoint.filesystem.delete_dir(checkpoint.path)
 
 
 def _spec_of(trial: Any) -> TrialSpec:
@@ -453,9 +464,15 @@ class StageRunner:
     def _new_tuner(
         self, stage: Stage, specs: list[TrialSpec], trainable: Any, name: str
     ) -> tune.Tuner:
-        # The latest checkpoint only: it resumes a restarted trial where it stopped, and a
-        # target trial's latest checkpoint also holds its best weights (recipe.stages).
-        checkpoints = tune.CheckpointConfig(num_to_keep=1)
+        # No num_to_keep: with it, Tune forces a sync of the whole experiment folder to
+        # storage after trials checkpoint (tune/execution/experiment_state.py,
+        # sync_every_n_trial_checkpoints) while trials wait in tune.report. Without it Tune
+        # deletes no checkpoint (train/_internal/checkpoint_manager.py): storage keeps, per
+        # trial, its snapshots (one train state per resources.snapshot_every_s of training,
+        # none in a trial shorter than that) and its closing checkpoint (the weights files,
+        # written once); the latest, the closing one, is what the reducer and the pool read.
+        # `_drop_snapshots` deletes a finished trial's snapshots when its stage ends.
+        checkpoints = tune.CheckpointConfig()
         progress = tune.CLIReporter(
             parameter_columns={
                 k: v
@@ -558,6 +575,8 @@ class StageRunner:
             errors = [r for r in errors if not diverged(r.error)]
         if errors or unfinished or len(results) != expected:
             raise self._incomplete(stage, errors, unfinished, expected)
+        for result in finished:
+            _drop_snapshots(result)
         return [
             TrialOutcome(spec_from_plain(r.config["spec"]), dict(r.metrics), r.checkpoint)
             for r in finished

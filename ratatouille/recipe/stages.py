@@ -9,8 +9,9 @@ a stage in-process.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any, Protocol
 
 import torch
@@ -86,6 +87,7 @@ class TrialContext:
     precision: Precision = "bf16"  # model.precision (bf16 autocast on CUDA, or fp32)
     probe_select: ProbeSelect = "last"  # which linear-probe head is kept (probe.select)
     probe_checkpoint_freq: int = 100
+    snapshot_every_s: float | None = 300.0  # resources.snapshot_every_s
 
     def device(self) -> str:
         return "cuda" if self.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
@@ -140,6 +142,7 @@ def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
         precision=config.model.precision,
         probe_select=config.probe.select,
         probe_checkpoint_freq=config.probe.checkpoint_freq,
+        snapshot_every_s=config.resources.snapshot_every_s,
         **weights,
     )
 
@@ -163,20 +166,44 @@ def _finetune_config(
     )
 
 
+@dataclass
+class SnapshotClock:
+    """When a checkpoint_freq step also takes a resumable snapshot: once ``every_s`` seconds
+    of training have passed since the last one (or the trial's start); 0 = every time, None =
+    never. The last step takes none: the closing report follows with the final weights."""
+
+    every_s: float | None
+    clock: Callable[[], float] = monotonic
+    last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.last = self.clock()
+
+    def due(self) -> bool:
+        return self.every_s is not None and self.clock() - self.last >= self.every_s
+
+    def taken(self) -> None:
+        """Restart the budget once the snapshot is stored (its upload is not training time)."""
+        self.last = self.clock()
+
+
 def _train_with_reports(
-    model: Classifier, splits: Any, reporter: Reporter, cfg: FineTuneConfig, keep_best: bool
+    model: Classifier, splits: Any, reporter: Reporter, cfg: FineTuneConfig, ctx: TrialContext
 ) -> FineTuneResult:
-    """fine_tune, reporting id_val_acc and a resumable checkpoint at each evaluation, so a
-    preempted trial loses at most ``checkpoint_freq`` steps. With `keep_best` (target runs) every
-    checkpoint also holds the best-ID-val weights so far as safetensors: the latest checkpoint,
-    the one Tune keeps, is the one the reducer reads. Other stages report their final weights
-    themselves."""
+    """fine_tune, reporting its metrics at every checkpoint_freq step and, on the time budget
+    ``ctx.snapshot_every_s``, a resumable snapshot (a train state with the best weights so far
+    and the moving average: all a restored trial needs to end as an uninterrupted one). No
+    weights file is written here: each stage body reports the files the reducer and the pool
+    read once, in its closing report, so a trial writes them once."""
+    clock = SnapshotClock(ctx.snapshot_every_s, monotonic)  # looked up here: tests set it
 
     def on_checkpoint(step: int, metrics: Mapping[str, Any], snapshot: Any) -> None:
         row = {**metrics, MetricKey.STEP: step}
-        state = snapshot()
-        weights = {WeightsFile.MODEL: state["best_state"]} if keep_best else None
-        reporter.report(row, weights=weights, train_state=state)
+        if step == cfg.steps - 1 or not clock.due():
+            reporter.report(row)
+            return
+        reporter.report(row, train_state=snapshot())
+        clock.taken()
 
     return fine_tune(
         model,
@@ -218,9 +245,7 @@ def run_pretrain(spec: PretrainSpec, ctx: TrialContext, reporter: Reporter) -> N
     model = build_classifier(
         ctx.arch, dataset.num_classes, dropout=spec.hparams.dropout, freeze_bn=False, seed=spec.seed
     )
-    result = _train_with_reports(
-        model, splits, reporter, _finetune_config(spec, ctx), keep_best=False
-    )
+    result = _train_with_reports(model, splits, reporter, _finetune_config(spec, ctx), ctx)
     reporter.report(
         _final_metrics(result, _data_input(dataset, ctx, split_seed=0)),
         weights={WeightsFile.FEATURIZER: featurizer_state(result.final_state)},
@@ -258,7 +283,7 @@ def run_aux(spec: AuxSpec, ctx: TrialContext, reporter: Reporter) -> None:
         # only the last featurizer is kept: ID-val as rarely as asked, snapshots as before
         eval_freq="end" if spec.eval_freq is None else spec.eval_freq,
     )
-    result = _train_with_reports(model, splits, reporter, cfg, keep_best=False)
+    result = _train_with_reports(model, splits, reporter, cfg, ctx)
     weights = {WeightsFile.FEATURIZER: featurizer_state(result.final_state)}
     metrics = _final_metrics(result, _data_input(dataset, ctx, split_seed=0))
     if spec.robust and result.average_state is not None:
@@ -335,7 +360,8 @@ def init_featurizer(spec: TargetSpec, ctx: TrialContext) -> StateDict | None:
 
 
 def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
-    """theta_i: (w_lp, phi_i) fine-tuned on the target task; best ID-val weights checkpointed."""
+    """theta_i: (w_lp, phi_i) fine-tuned on the target task; its best ID-val weights (and moving
+    average) written once, in its closing checkpoint."""
     cell = spec.cell
     dataset = ctx.dataset(ctx.data.dataset)
     splits = ctx.cell_splits(dataset, cell)
@@ -352,13 +378,14 @@ def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
         moving_average=moving_average,
         ma_start=min(ctx.ma_start, spec.steps // 2),
     )
-    result = _train_with_reports(model, splits, reporter, cfg, keep_best=True)
+    result = _train_with_reports(model, splits, reporter, cfg, ctx)
     metrics = _final_metrics(result, _data_input(dataset, ctx, cell.split_seed, cell.test_env))
-    weights = None
+    # The trial's only weights files, written once: the closing checkpoint is its latest, the
+    # one the reducer reads (the snapshots before it hold train states only).
+    weights = {WeightsFile.MODEL: result.best_state}
     if moving_average and result.average_state is not None:
         # MA (Arpit et al.): the trajectory's uniform average, beside the best-ID-val weights
-        # (the closing checkpoint is the one kept, so it carries both).
-        weights = {WeightsFile.MODEL: result.best_state, WeightsFile.MODEL_MA: result.average_state}
+        weights[WeightsFile.MODEL_MA] = result.average_state
         model.load_state_dict(result.average_state)
         metrics[MetricKey.MA_ID_VAL_ACC] = evaluate_accuracy(
             model, splits.id_val, device=ctx.device(), precision=ctx.precision
