@@ -74,3 +74,12 @@ def test_a_store_some_node_cannot_see_is_named_with_those_nodes():
         "tracking.pool_path": ["10.0.0.3 (gpu-2)"],
     }
     assert blind_fields(probes, {"a": [True, True], "b": [True, True]}) == {}
+
+
+def test_only_tunes_storage_must_be_shared_a_head_local_pool_is_fine(tmp_path):
+    from ratatouille.orchestration.pipeline import stores_workers_use
+    from tiny import tiny_config
+
+    config = tiny_config(tmp_path)
+    config.tracking.pool_path = "/home/ubuntu/ratatouille-pool"  # the head's own disk
+    assert stores_workers_use(config) == {"tracking.storage_path": str(tmp_path / "ray_results")}

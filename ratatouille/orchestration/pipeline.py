@@ -99,6 +99,14 @@ def pool_path(config: ExperimentConfig) -> str:
     return child_location(storage_root(config), "pool")
 
 
+def stores_workers_use(config: ExperimentConfig) -> dict[str, str]:
+    """The local stores every node must see: Tune's storage, where trials write checkpoints.
+    The pool (and phi_pt's and the heads' stores beside it) is read and written by the driver
+    alone, which ships weights to trials through the object store: a pool on the head's own
+    disk serves a cluster of any size."""
+    return {"tracking.storage_path": storage_root(config)}
+
+
 def _pretrained(config: ExperimentConfig, runner: StageRunner) -> dict[str, StateDict]:
     """phi_pt: timm's hub or a local file, read once here and shipped to every trial, or ours
     from the pretrain stage (kept in a pool beside the auxiliary pool)."""
@@ -343,12 +351,7 @@ def run_pipeline(
     if reduce_only:
         command = "ratatouille reduce"
     print(f"ray: {connect_ray()}", file=sys.stderr)
-    check_storage_shared(
-        {
-            "tracking.storage_path": storage_root(config),
-            "tracking.pool_path": pool_path(config),
-        }
-    )
+    check_storage_shared(stores_workers_use(config))
     tracker, run_dir = open_run(config, continue_last=resume or reduce_only, command=command)
     print(f"mlflow: {tracker.parent_location()}", file=sys.stderr, flush=True)
     runner = StageRunner(config, run_dir, tracker, resume=resume, restore_only=reduce_only)
