@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -79,11 +79,12 @@ class PipelineError(UserError):
 
 @dataclass
 class SweepState:
-    """What the stages produced, in memory, for the reducer."""
+    """What the stages produced, for the reducer: the runs' outcomes, and the weights they
+    started from as object-store references (a reducer task fetches those it reads)."""
 
     cells: list[Cell]
-    featurizers: dict[str, StateDict]
-    heads: dict[str, StateDict]
+    featurizers: Mapping[str, StateDict]
+    heads: Mapping[str, StateDict]
     targets: list[TrialOutcome] = field(default_factory=list)
     excluded: list[Excluded] = field(default_factory=list)
 
@@ -131,7 +132,10 @@ def _pretrained(config: ExperimentConfig, runner: StageRunner) -> dict[str, Stat
 
 
 def _fill_pool(
-    config: ExperimentConfig, runner: StageRunner, pool: Pool, featurizers: dict[str, StateDict]
+    config: ExperimentConfig,
+    runner: StageRunner,
+    pool: Pool,
+    featurizers: Mapping[str, StateDict],
 ) -> None:
     """Train the auxiliary fine-tunings the pool lacks; skip those it has (target-agnostic)."""
     missing = [
@@ -140,7 +144,7 @@ def _fill_pool(
         if spec.name not in pool or (spec.robust and robust_name(spec.name) not in pool)
     ]
     heads = _aux_heads(config, runner, pool, featurizers, {s.head for s in missing if s.head})
-    context = context_for(config, featurizers=featurizers, heads=heads)
+    context = context_for(config, featurizers=featurizers, heads=runner.share(heads))
     outcomes = runner.run(Stage.AUX, list(missing), context)
     for outcome in outcomes:
         spec, metrics = outcome.spec, outcome.metrics
@@ -172,7 +176,7 @@ def _aux_heads(
     config: ExperimentConfig,
     runner: StageRunner,
     pool: Pool,
-    featurizers: dict[str, StateDict],
+    featurizers: Mapping[str, StateDict],
     needed: set[str],
 ) -> dict[str, StateDict]:
     """The probed heads the missing auxiliary runs start from: probes the head store lacks run
@@ -181,8 +185,8 @@ def _aux_heads(
     todo: list[TrialSpec] = [
         s for s in aux_probe_specs(config) if s.name in needed and s.name not in store
     ]
-    base = {PRETRAINED: featurizers[PRETRAINED]}
-    for outcome in runner.run(Stage.AUX_PROBE, todo, context_for(config, featurizers=base)):
+    # phi_pt only so far (the pool is read after this stage)
+    for outcome in runner.run(Stage.AUX_PROBE, todo, context_for(config, featurizers=featurizers)):
         assert isinstance(outcome.spec, AuxProbeSpec)
         store.add(
             outcome.spec.name,
@@ -197,7 +201,9 @@ def _weights(outcome: TrialOutcome, name: WeightsFile) -> StateDict:
     return read_weights(outcome.checkpoint, name)
 
 
-def _sources(config: ExperimentConfig, pool: Pool) -> dict[str, StateDict]:
+def _sources(config: ExperimentConfig, pool: Pool) -> list[str]:
+    """The pool entries the target arms start from, checked (present, no leakage, made for
+    this experiment's network and phi_pt), in sorted order."""
     names = {
         name
         for arm in config.target.arms
@@ -220,7 +226,7 @@ def _sources(config: ExperimentConfig, pool: Pool) -> dict[str, StateDict]:
             "experiment's cannot be mixed into its runs: " + "; ".join(problems) + ". Remove "
             "them from aux.extra_sources, or run with the config that made them"
         )
-    return {name: pool.load(name, expected_arch=config.model.arch) for name in sorted(names)}
+    return sorted(names)
 
 
 def _probe_cell(outcome: TrialOutcome) -> Cell:
@@ -230,17 +236,18 @@ def _probe_cell(outcome: TrialOutcome) -> Cell:
 
 def run_stages(config: ExperimentConfig, runner: StageRunner) -> SweepState:
     """Every training stage; returns what the reducer needs."""
-    featurizers = _pretrained(config, runner)
+    featurizers = runner.share(_pretrained(config, runner))
     pool = Pool(pool_path(config))
     if config.aux.tasks:
         _fill_pool(config, runner, pool, featurizers)
-    featurizers.update(_sources(config, pool))
+    for name in _sources(config, pool):  # one at a time: the driver never holds the whole pool
+        featurizers = featurizers.put({name: pool.load(name, expected_arch=config.model.arch)})
     cells = experiment_cells(config)
-    base = {PRETRAINED: featurizers[PRETRAINED]}
+    base = featurizers.only([PRETRAINED])
     probes = runner.run(
         Stage.PROBE, list(probe_specs(config, cells)), context_for(config, featurizers=base)
     )
-    heads = {_probe_cell(o).key: _weights(o, WeightsFile.HEAD) for o in probes}
+    heads = runner.share({_probe_cell(o).key: _weights(o, WeightsFile.HEAD) for o in probes})
     context = context_for(config, featurizers=featurizers, heads=heads)
     specs = target_trials(
         config, cells, runner.tracker, resumed=runner.resume or runner.restore_only

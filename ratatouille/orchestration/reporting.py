@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,15 +145,25 @@ def _cell_data(
     return context, dataset, splits, build
 
 
+def _copy_of(weights: Mapping[str, StateDict], name: str) -> StateDict:
+    return dict(weights[name])
+
+
 def reduce_one_cell(
-    config: ExperimentConfig, cell: Cell, runs: list[TargetRun], featurizers: dict, w_lp: dict
+    config: ExperimentConfig,
+    cell: Cell,
+    runs: list[TargetRun],
+    featurizers: Mapping[str, StateDict],
+    heads: Mapping[str, StateDict],
 ) -> CellReduction:
-    """Build one cell's reducer inputs where the data lives, and reduce it."""
+    """Build one cell's reducer inputs where the data lives, and reduce it. ``featurizers`` and
+    ``heads`` are read by key (object-store references under Ray): the task fetches phi_pt, the
+    cell's w_lp and, when a curve needs them, the recycled pool entries, nothing else."""
     context, dataset, splits, build = _cell_data(config, cell)
     example = splits.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
-    phi_pt = featurizers[PRETRAINED]
+    phi_pt, w_lp = featurizers[PRETRAINED], heads[cell.key]
     pool_loaders: dict[str, Callable[[], StateDict]] = {
-        name: functools.partial(dict, featurizers[name]) for name in _recycled_sources(runs)
+        name: functools.partial(_copy_of, featurizers, name) for name in _recycled_sources(runs)
     }
     settings = ReduceSettings(
         wise_alpha=config.reduce.wise_alpha,
@@ -272,8 +282,8 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
             config,
             cell,
             _target_runs(by_cell[cell.key]),
-            state.featurizers,
-            state.heads[cell.key],
+            state.featurizers,  # references: the task fetches what it reads
+            state.heads,
         )
         for cell in state.cells
     }

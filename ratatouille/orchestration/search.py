@@ -1,8 +1,9 @@
 """Ray Tune, and only here: one `Tuner.fit()` per stage, driven from one process.
 
 Trials run `ratatouille.recipe.stages` bodies; the driver ships them their initial weights through
-the object store (`tune.with_parameters`), so workers need no shared filesystem for the pool, only
-Tune's storage for checkpoints. MLflow is written by the driver through a Tune callback.
+the object store, one entry per featurizer and head (`SharedWeights`), so workers need no shared
+filesystem for the pool, only Tune's storage for checkpoints, and a trial fetches only the
+weights it starts from. MLflow is written by the driver through a Tune callback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -338,6 +339,49 @@ def trial_threads() -> int:
     return max(1, int(cpus))
 
 
+class SharedWeights(Mapping[str, StateDict]):
+    """State dicts in Ray's object store, one entry per name, fetched when read.
+
+    What Tune and Ray tasks pickle is the references only: a trial's context (through
+    `tune.with_parameters`) or a reducer task's arguments carry every name, and the process
+    reading ``weights[name]`` pulls that one entry. ``fetch`` turns a reference into its state
+    dict (``ray.get``; a test counts fetches with its own)."""
+
+    def __init__(
+        self,
+        refs: Mapping[str, ray.ObjectRef] | None = None,
+        fetch: Callable[[ray.ObjectRef], StateDict] = ray.get,
+    ) -> None:
+        self.refs = dict(refs or {})
+        self.fetch = fetch
+
+    def put(self, states: Mapping[str, StateDict]) -> SharedWeights:
+        """These weights and ``states``, each put in the object store once (from the driver,
+        which owns them while it holds this mapping)."""
+        refs = {name: ray.put(state) for name, state in states.items()}
+        return SharedWeights({**self.refs, **refs}, self.fetch)
+
+    def only(self, names: Iterable[str]) -> SharedWeights:
+        return SharedWeights({name: self.refs[name] for name in names}, self.fetch)
+
+    def __getitem__(self, name: str) -> StateDict:
+        return self.fetch(self.refs[name])
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would fetch the entry
+        return name in self.refs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+def share_weights(states: Mapping[str, StateDict]) -> SharedWeights:
+    """Put each state dict in the object store once; trials and tasks get references."""
+    return SharedWeights().put(states)
+
+
 def _trainable(config: dict[str, Any], context: TrialContext) -> None:
     torch.set_num_threads(trial_threads())
     run_trial(spec_from_plain(config["spec"]), context, TuneReporter())
@@ -451,6 +495,11 @@ class StageRunner:
     def __post_init__(self) -> None:
         assert self.tracker.parent_id is not None, "start the parent run before the stages"
         _LIVE_TRACKERS[self.tracker.parent_id] = self.tracker
+
+    @staticmethod
+    def share(states: Mapping[str, StateDict]) -> SharedWeights:
+        """Weights for this runner's trials: one object-store entry each (`SharedWeights`)."""
+        return share_weights(states)
 
     def _resources(self) -> dict[str, float]:
         res = self.config.resources

@@ -1,9 +1,12 @@
 """The body of every trial, one function per stage, with no Ray and no MLflow.
 
 A trial gets its typed spec (from :mod:`ratatouille.recipe.sweep`), a `TrialContext`
-(experiment-wide settings and the weights it may start from, shipped by the driver) and a
-`Reporter` (the Ray layer's bridge to Tune checkpoints). Keeping Ray out of here lets tests run
-a stage in-process.
+(experiment-wide settings and the weights it may start from) and a `Reporter` (the Ray layer's
+bridge to Tune checkpoints). Keeping Ray out of here lets tests run a stage in-process.
+
+The weights are any `Mapping` from a name to a state dict, read by key only: in tests a plain
+dict, under Ray the orchestration's mapping of object-store references, which fetches an entry
+when a trial reads it, so a trial deserializes the featurizers it starts from, not the pool.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ class TrialContext:
     seed: int
     arch: str
     freeze_bn: bool = True
-    featurizers: dict[str, StateDict] = field(default_factory=dict)  # PRETRAINED + pool entries
-    heads: dict[str, StateDict] = field(default_factory=dict)  # w_lp per cell key
+    # PRETRAINED + pool entries, and w_lp per cell key (or an aux task's probe): read by key only
+    featurizers: Mapping[str, StateDict] = field(default_factory=dict)
+    heads: Mapping[str, StateDict] = field(default_factory=dict)
     gpus_per_trial: float = 0.0
     ma_arms: tuple[str, ...] = ()  # target arms whose runs keep a moving average (MA baseline)
     ma_start: int = 100
@@ -253,13 +257,17 @@ def run_pretrain(spec: PretrainSpec, ctx: TrialContext, reporter: Reporter) -> N
 
 
 def _pretrained_classifier(
-    ctx: TrialContext, num_classes: int, dropout: float, seed: int
+    ctx: TrialContext,
+    num_classes: int,
+    dropout: float,
+    seed: int,
+    phi_pt: StateDict | None = None,
 ) -> Classifier:
     return build_classifier(
         ctx.arch,
         num_classes,
         dropout=dropout,
-        featurizer_weights=ctx.featurizers[PRETRAINED],
+        featurizer_weights=ctx.featurizers[PRETRAINED] if phi_pt is None else phi_pt,
         freeze_bn=ctx.freeze_bn,
         seed=seed,
     )
@@ -346,16 +354,22 @@ def run_probe(spec: ProbeSpec, ctx: TrialContext, reporter: Reporter) -> None:
     _probe_and_report(spec, ctx, reporter, dataset, splits, data_input)
 
 
-def init_featurizer(spec: TargetSpec, ctx: TrialContext) -> StateDict | None:
-    """phi_aux of the run: a pool entry, the softmax-kappa mixture (fusing), or None for phi_pt."""
+def init_featurizer(
+    spec: TargetSpec, ctx: TrialContext, phi_pt: StateDict | None = None
+) -> StateDict | None:
+    """phi_aux of the run: a pool entry, the softmax-kappa mixture (fusing), or None for phi_pt.
+    Reads only the entries the run starts from (a fusing run: those its mixture weighs), each
+    once: ``phi_pt``, when the caller already holds it, is not read again."""
     if spec.init_source == PRETRAINED:
         return None
     if spec.init_source == FUSING:
         assert spec.fusing is not None, "a fusing run carries its mixture weights"
         names = list(spec.fusing)
-        return average(
-            (ctx.featurizers[name] for name in names), weights=[spec.fusing[name] for name in names]
-        )
+
+        def read(name: str) -> StateDict:
+            return phi_pt if name == PRETRAINED and phi_pt is not None else ctx.featurizers[name]
+
+        return average((read(name) for name in names), weights=[spec.fusing[n] for n in names])
     return ctx.featurizers[spec.init_source]
 
 
@@ -365,8 +379,12 @@ def run_target(spec: TargetSpec, ctx: TrialContext, reporter: Reporter) -> None:
     cell = spec.cell
     dataset = ctx.dataset(ctx.data.dataset)
     splits = ctx.cell_splits(dataset, cell)
-    model = _pretrained_classifier(ctx, dataset.num_classes, spec.hparams.dropout, spec.seed)
-    phi_init = init_featurizer(spec, ctx)
+    phi_pt = ctx.featurizers[PRETRAINED]  # read once: a fusing mixture may weigh it too
+    model = _pretrained_classifier(
+        ctx, dataset.num_classes, spec.hparams.dropout, spec.seed, phi_pt=phi_pt
+    )
+    phi_init = init_featurizer(spec, ctx, phi_pt)
+    del phi_pt
     if phi_init is not None:
         load_featurizer_params(model, phi_init)
     model.head.load_state_dict(ctx.heads[cell.key])
