@@ -3,6 +3,8 @@ every split, and the cross-split soup is scored on it (checked by plain forward 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from ratatouille.engine.models import build_classifier
 from ratatouille.orchestration.reporting import reduce_domain_dagger_task
 from ratatouille.recipe.checks import experiment_cells
 from ratatouille.recipe.stages import context_for
+from ratatouille.recipe.sweep import domain_sizes_of
 from ratatouille.reducer.inputs import TargetRun
 from tiny import tiny_config
 
@@ -87,12 +90,24 @@ def test_reporting_launches_one_dagger_task_per_domain_and_logs_its_rows(tmp_pat
         metrics = {MetricKey.BEST_ID_VAL_ACC: 0.5}
         by_cell[cell.key] = [TrialOutcome(spec, metrics, tune.Checkpoint.from_directory(folder))]
     # in-process instead of a Ray task: the wiring, not Ray, is under test here
-    monkeypatch.setattr(reporting, "run_remote", lambda fn, _res, *args: lambda: fn(*args))
-    dagger = reporting._collect_daggers(reporting._launch_daggers(config, cells, by_cell))
+    asked: list = []
+    monkeypatch.setattr(
+        reporting,
+        "run_remote",
+        lambda fn, _res, *args, memory: asked.append(memory) or (lambda: fn(*args)),
+    )
+    weights = {"pretrained": {"w": torch.zeros(1000)}}  # 4,000 bytes of featurizer
+    state = SimpleNamespace(
+        featurizers=weights, heads={c.key: {"weight": torch.zeros(3, 5)} for c in cells}
+    )
+    dagger = reporting._collect_daggers(reporting._launch_daggers(config, cells, by_cell, state))
+    images = sum(domain_sizes_of(config.seed)(config.data.dataset))
+    # 1 GiB + 8 networks of 4,060 bytes + two chunks of 3-class logits + 2 runs' predictions
+    assert asked == [2**30 + 8 * 4060 + 2 * 4096 * 3 * 4 + images * (2 * 2 + 8)]
     assert list(dagger.strategy) == ["soup_uniform_dagger"] and dagger.n_models[0] == 2
     off = config.model_copy(
         update={"reduce": config.reduce.model_copy(update={"uniform_dagger": False})}
     )
-    assert reporting._collect_daggers(reporting._launch_daggers(off, cells, by_cell)) is None
+    assert reporting._collect_daggers(reporting._launch_daggers(off, cells, by_cell, state)) is None
     one_seed = [cells[0]]
-    assert reporting._launch_daggers(config, one_seed, by_cell) == []
+    assert reporting._launch_daggers(config, one_seed, by_cell, state) == []

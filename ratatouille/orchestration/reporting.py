@@ -25,12 +25,15 @@ from ratatouille.engine.train import predict_logits
 from ratatouille.orchestration.search import (
     SweepIncomplete,
     TrialOutcome,
+    local_weights,
     read_weights,
     run_remote,
 )
 from ratatouille.recipe.specs import Cell, TargetSpec, cell_key
 from ratatouille.recipe.stages import StateDict, TrialContext, context_for
+from ratatouille.recipe.sweep import domain_sizes_of
 from ratatouille.reducer.claims import claims_metrics, claims_table, format_claims
+from ratatouille.reducer.evaluate import reducer_memory_bytes
 from ratatouille.reducer.plots import cross_cell_figures
 from ratatouille.reducer.plots import figures as cell_figures
 from ratatouille.reducer.reduce import (
@@ -156,9 +159,21 @@ def reduce_one_cell(
     featurizers: Mapping[str, StateDict],
     heads: Mapping[str, StateDict],
 ) -> CellReduction:
-    """Build one cell's reducer inputs where the data lives, and reduce it. ``featurizers`` and
-    ``heads`` are read by key (object-store references under Ray): the task fetches phi_pt, the
-    cell's w_lp and, when a curve needs them, the recycled pool entries, nothing else."""
+    """Build one cell's reducer inputs where the data lives, and reduce it, reading each run's
+    weights files from storage once (into a node-local folder for the task's lifetime).
+    ``featurizers`` and ``heads`` are read by key (object-store references under Ray): the task
+    fetches phi_pt, the cell's w_lp and, when a curve needs them, the recycled pool entries."""
+    with local_weights():
+        return _reduce_one_cell(config, cell, runs, featurizers, heads)
+
+
+def _reduce_one_cell(
+    config: ExperimentConfig,
+    cell: Cell,
+    runs: list[TargetRun],
+    featurizers: Mapping[str, StateDict],
+    heads: Mapping[str, StateDict],
+) -> CellReduction:
     context, dataset, splits, build = _cell_data(config, cell)
     example = splits.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
     phi_pt, w_lp = featurizers[PRETRAINED], heads[cell.key]
@@ -200,18 +215,35 @@ def reduce_domain_dagger_task(
     OOD test set of every split, so the first cell's serves them all."""
     cell = cells[0]
     context, _, splits, build = _cell_data(config, cell)
-    return reduce_domain_dagger(
-        cell.test_domain,
-        runs_by_seed,
-        build,
-        splits.ood_test,
-        device=context.device(),
-        predict=_predict(config),
-    )
+    with local_weights():
+        return reduce_domain_dagger(
+            cell.test_domain,
+            runs_by_seed,
+            build,
+            splits.ood_test,
+            device=context.device(),
+            predict=_predict(config),
+        )
+
+
+def _state_bytes(state: StateDict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def task_memory(config: ExperimentConfig, runs: list[TargetRun], state: Any, cell: Cell) -> int:
+    """Ray ``memory=`` of a reducer task over ``runs``
+    (:func:`ratatouille.reducer.evaluate.reducer_memory_bytes`), from the model's weights
+    (phi_pt + w_lp, float32 as the runs store them) and every image of the dataset (ID val and
+    OOD test together are at most all of them)."""
+    w_lp = state.heads[cell.key]
+    weights = _state_bytes(state.featurizers[PRETRAINED]) + _state_bytes(w_lp)
+    n_states = len(runs) + sum(r.load_ma_state is not None for r in runs)
+    images = sum(domain_sizes_of(config.seed)(config.data.dataset))
+    return reducer_memory_bytes(weights, n_states, images, int(w_lp["weight"].shape[0]))
 
 
 def _launch_daggers(
-    config: ExperimentConfig, cells: list[Cell], by_cell: dict[str, list[TrialOutcome]]
+    config: ExperimentConfig, cells: list[Cell], by_cell: dict[str, list[TrialOutcome]], state: Any
 ) -> list[Callable[[], pd.DataFrame]]:
     """One uniform† task per test domain swept over several split seeds (none otherwise)."""
     if not config.reduce.uniform_dagger:
@@ -219,17 +251,23 @@ def _launch_daggers(
     by_domain: dict[str, list[Cell]] = {}
     for cell in cells:
         by_domain.setdefault(cell.test_domain, []).append(cell)
-    return [
-        run_remote(
-            reduce_domain_dagger_task,
-            config.resources,
-            config,
-            domain_cells,
-            {c.split_seed: _target_runs(by_cell[c.key]) for c in domain_cells},
-        )
-        for domain_cells in by_domain.values()
-        if len(domain_cells) > 1
-    ]
+    pending = []
+    for domain_cells in by_domain.values():
+        if len(domain_cells) > 1:
+            runs = {c.split_seed: _target_runs(by_cell[c.key]) for c in domain_cells}
+            every = [run for seed_runs in runs.values() for run in seed_runs]
+            memory = task_memory(config, every, state, domain_cells[0])
+            pending.append(
+                run_remote(
+                    reduce_domain_dagger_task,
+                    config.resources,
+                    config,
+                    domain_cells,
+                    runs,
+                    memory=memory,
+                )
+            )
+    return pending
 
 
 def _collect_daggers(pending: list[Callable[[], pd.DataFrame]]) -> pd.DataFrame | None:
@@ -275,19 +313,20 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
             f"every target trial of {empty} was excluded ({excluded[:3]}...): "
             "nothing to reduce there; lower the learning rates and rerun"
         )
-    pending = {
-        cell: run_remote(
+    pending = {}
+    for cell in state.cells:
+        runs = _target_runs(by_cell[cell.key])
+        pending[cell] = run_remote(
             reduce_one_cell,
             config.resources,
             config,
             cell,
-            _target_runs(by_cell[cell.key]),
+            runs,
             state.featurizers,  # references: the task fetches what it reads
             state.heads,
+            memory=task_memory(config, runs, state, cell),
         )
-        for cell in state.cells
-    }
-    pending_daggers = _launch_daggers(config, state.cells, by_cell)
+    pending_daggers = _launch_daggers(config, state.cells, by_cell, state)
     cells = {}
     for index, (cell, future) in enumerate(pending.items(), start=1):
         reduction = cells[(cell.test_domain, cell.split_seed)] = future()

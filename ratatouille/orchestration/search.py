@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,10 +397,72 @@ class TrialOutcome:
     checkpoint: tune.Checkpoint | None
 
 
+#: bytes per read when copying a weights file from storage.
+COPY_BLOCK = 8 << 20
+
+
+def fetch_file(checkpoint: tune.Checkpoint, filename: str, local: str) -> int:
+    """Copy one file of a checkpoint to ``local``, through the checkpoint's own filesystem
+    (pyarrow: local, NFS or S3), without the rest of its folder; returns the bytes copied."""
+    source = f"{checkpoint.path.rstrip('/')}/{filename}"
+    filesystem = checkpoint.filesystem
+    assert filesystem is not None  # Checkpoint infers it from the path when not given
+    with filesystem.open_input_stream(source) as stream, open(local, "wb") as out:
+        copied = 0
+        while block := stream.read(COPY_BLOCK):
+            out.write(block)
+            copied += len(block)
+    return copied
+
+
+class LocalWeights:
+    """Weights files of trial checkpoints, each copied once to a node-local folder: every later
+    load of the same file reads the local copy. ``fetched`` counts the copies per remote file
+    (each should be 1), ``bytes_fetched`` their bytes."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.fetched: Counter[str] = Counter()
+        self.bytes_fetched = 0
+        self._local: dict[str, str] = {}
+
+    def path(self, checkpoint: tune.Checkpoint, name: WeightsFile) -> str:
+        source = f"{checkpoint.path.rstrip('/')}/{name.filename}"
+        if source not in self._local:
+            local = os.path.join(self.folder, f"{len(self._local)}-{name.filename}")
+            self.bytes_fetched += fetch_file(checkpoint, name.filename, local)
+            self.fetched[source] += 1
+            self._local[source] = local
+        return self._local[source]
+
+
+_LOCAL_WEIGHTS: list[LocalWeights] = []  # the innermost `local_weights()` of this process
+
+
+@contextlib.contextmanager
+def local_weights() -> Iterator[LocalWeights]:
+    """While open, :func:`read_weights` reads each weights file from storage once, into a
+    temporary folder on this node's disk (removed on exit). A reducer task holds one open for
+    its lifetime: its soups, ablations and curves reload runs from the local copies."""
+    folder = tempfile.mkdtemp(prefix="ratatouille-weights-")
+    cache = LocalWeights(folder)
+    _LOCAL_WEIGHTS.append(cache)
+    try:
+        yield cache
+    finally:
+        _LOCAL_WEIGHTS.remove(cache)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def read_weights(checkpoint: tune.Checkpoint, name: WeightsFile) -> StateDict:
-    """A safetensors file of a trial's checkpoint (local or remote storage)."""
-    with checkpoint.as_directory() as folder:
-        return load_file(os.path.join(folder, name.filename))
+    """One safetensors file of a trial's checkpoint (local or remote storage): only that file
+    is read, from the node-local copy when a :func:`local_weights` is open."""
+    if _LOCAL_WEIGHTS:
+        return load_file(_LOCAL_WEIGHTS[-1].path(checkpoint, name))
+    with tempfile.TemporaryDirectory(prefix="ratatouille-weights-") as folder:
+        local = os.path.join(folder, name.filename)
+        fetch_file(checkpoint, name.filename, local)
+        return load_file(local)
 
 
 def _drop_snapshots(result: Any) -> None:
@@ -663,11 +727,16 @@ def _listed(grid: Any) -> list[Any]:
     return list(grid)
 
 
-def run_remote(fn, resources, *args: Any):
-    """Run ``fn(*args)`` as a Ray task with a trial's resources; call the result to wait."""
-    task = ray.remote(fn).options(
-        num_cpus=resources.cpus_per_trial, num_gpus=resources.gpus_per_trial
-    )
+def run_remote(fn, resources, *args: Any, memory: int | None = None):
+    """Run ``fn(*args)`` as a Ray task with a trial's resources (and ``memory`` bytes of RAM
+    reserved, when given); call the result to wait."""
+    options: dict[str, Any] = {
+        "num_cpus": resources.cpus_per_trial,
+        "num_gpus": resources.gpus_per_trial,
+    }
+    if memory is not None:
+        options["memory"] = memory
+    task = ray.remote(fn).options(**options)
     ref = task.remote(*args)
     return lambda: ray.get(ref)
 

@@ -13,9 +13,10 @@ The reducer works in three phases, and the OOD test domain is only readable in t
    subsampling ablations (App. B.1, B.3) -- see :mod:`ratatouille.reducer.ablations` and
    :mod:`ratatouille.reducer.curves`.
 
-Memory stays bounded by a few networks: runs are loaded only when needed, soups stream
-(:mod:`ratatouille.merging.soups`), and the few strategy weights (soups, WiSE-FT) wait on disk in a
-temporary folder between phases 1 and 2.
+Memory stays bounded by a few networks and the runs' predicted labels: runs are loaded only
+when needed, soups stream (:mod:`ratatouille.merging.soups`), the runs' logits wait on local disk
+(:mod:`ratatouille.reducer.evaluate`), and the few strategy weights (soups, WiSE-FT) wait on disk
+in a temporary folder between phases 1 and 2.
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
             else store.load(final_strategy)
         )
     analysis = analyse(inputs, arms, ev, table)
+    ev.close()
     return ReduceResult(
         table=table,
         final_model_state=final_state,
