@@ -188,3 +188,203 @@ def test_merges_refuse_a_run_of_another_architecture_naming_the_tensor():
         fisher_average([(BASE, {"w": torch.ones(2)})])
     with pytest.raises(ValueError, match="at least one run"):
         model_stock(BASE, [])
+
+
+# -- the diagonal Fisher (engine) and the strategies on the reducer's tiny sweep ----------------
+
+
+def test_diagonal_fisher_is_the_mean_squared_per_example_gradient_of_a_plain_loop():
+    from torch.utils.data import TensorDataset
+
+    from ratatouille.engine.fisher import diagonal_fisher
+    from reduce_sweep import DIM, build_model
+
+    model = build_model()
+    gen = torch.Generator().manual_seed(0)
+    domains = [TensorDataset(torch.randn(10, DIM, generator=gen), torch.zeros(10).long())] * 2
+    fisher = diagonal_fisher(model, model.state_dict(), domains, n_batches=2, batch_size=3, seed=5)
+    # by hand: the first 2 batches of 3 of each domain, a label drawn from the model's softmax
+    # with the same seeded generator, one backward pass per example
+    plain, draw, seen = build_model().eval(), torch.Generator().manual_seed(5), 0
+    hand = {k: torch.zeros_like(p) for k, p in plain.named_parameters()}
+    for dataset in domains:
+        for start in (0, 3):
+            x = dataset.tensors[0][start : start + 3]
+            with torch.no_grad():
+                y = torch.multinomial(torch.softmax(plain(x), -1), 1, generator=draw)[:, 0]
+            for xi, yi in zip(x, y):
+                plain.zero_grad()
+                torch.log_softmax(plain(xi[None]), -1)[0, yi].backward()
+                for k, p in plain.named_parameters():
+                    hand[k] += p.grad**2
+                seen += 1
+    assert seen == 12 and set(fisher) == set(hand)
+    for key, value in hand.items():
+        torch.testing.assert_close(fisher[key], value / seen, rtol=1e-4, atol=1e-7)
+
+
+MERGE_GRID = dict(
+    task_arithmetic_lambdas=[0.2, 0.5],
+    ties_densities=[0.3],
+    ties_lambdas=[1.0],
+    dare_drop_rates=[0.3],
+    fisher_batches=1,
+)
+
+
+@pytest.fixture(scope="module")
+def merged_cell():
+    from torch.utils.data import TensorDataset
+
+    from ratatouille.core.config import MergesConfig
+    from ratatouille.reducer.reduce import ReduceSettings, reduce_cell
+    from reduce_sweep import build_sweep, make_inputs
+
+    sweep = build_sweep()
+    settings = ReduceSettings(
+        ablation_draws=1,
+        max_pairs=0,
+        ablation_points=2,
+        n_lambdas=2,
+        merges=MergesConfig(**MERGE_GRID),
+    )
+    inputs = make_inputs(sweep, settings=settings)
+    inputs.id_train = [TensorDataset(x, y) for x, y in sweep["train"]]
+    return sweep, inputs, reduce_cell(inputs)
+
+
+def _row(result, strategy):
+    rows = result.table[result.table.strategy == strategy]
+    assert len(rows) == 1, f"{strategy} appears {len(rows)} times"
+    return rows.iloc[0]
+
+
+def _hand_theta(sweep, arm, delta):
+    """theta_0 + delta(task vectors of the arm's runs), by plain loops over the state dict."""
+    from reduce_sweep import runs_of
+
+    base = sweep["pt_lp"]
+    states = [state for _, state, _ in runs_of(sweep, arm)]
+    out = {}
+    for key, value in base.items():
+        if value.is_floating_point():
+            taus = [s[key].double() - value.double() for s in states]
+            out[key] = (value.double() + delta(taus)).float()
+        else:
+            out[key] = states[0][key].clone()
+    return out
+
+
+def test_merge_rows_follow_each_arms_greedy_soup_for_every_averaging_arm(merged_cell):
+    _, _, result = merged_cell
+    names = list(result.table.strategy)
+    for arm, greedy in (
+        ("soups", "soup_greedy"),
+        ("ratatouille", "ratatouille_greedy"),
+        ("robust_ratatouille", "robust_ratatouille_greedy"),
+    ):
+        at = names.index(greedy)
+        expected = [
+            f"{m}_{arm}" for m in ("task_arithmetic", "ties", "dare", "model_stock", "fisher")
+        ]
+        assert names[at + 1 : at + 6] == expected
+    assert not any(n.endswith("_fusing") for n in names)  # fusing is not an averaging arm
+
+
+def test_task_arithmetic_lambda_is_chosen_on_id_val_and_scored_once_on_ood(merged_cell):
+    from reduce_sweep import hand_acc
+
+    sweep, _, result = merged_cell
+    for arm in ("soups", "ratatouille"):
+        by_lambda = {
+            lam: _hand_theta(sweep, arm, lambda taus, lam=lam: lam * sum(taus))
+            for lam in (0.2, 0.5)
+        }
+        val = {lam: hand_acc(state, sweep["val"]) for lam, state in by_lambda.items()}
+        best = 0.2 if val[0.2] >= val[0.5] else 0.5  # the first of equal scores
+        row = _row(result, f"task_arithmetic_{arm}")
+        assert row.params == {"lambda": best} and "lambda=" in row.selection
+        assert row.id_val_acc == pytest.approx(val[best], abs=1e-9)
+        assert row.ood_acc == pytest.approx(hand_acc(by_lambda[best], [sweep["ood"]]), abs=1e-9)
+
+
+def test_model_stock_row_is_the_ratio_of_hand_computed_pairwise_angles(merged_cell):
+    import itertools
+
+    from reduce_sweep import hand_acc
+
+    sweep, _, result = merged_cell
+
+    def stock(taus):
+        norms = [float(t.norm()) for t in taus]
+        if sum(n > 0 for n in norms) < 2:
+            return sum(taus) / len(taus)
+        cos = [
+            float((a * b).sum()) / (float(a.norm()) * float(b.norm()))
+            for a, b in itertools.combinations(taus, 2)
+        ]
+        c, k = max(sum(cos) / len(cos), 0.0), len(taus)
+        return k * c / (1 + (k - 1) * c) * sum(taus) / k
+
+    state = _hand_theta(sweep, "soups", stock)
+    row = _row(result, "model_stock_soups")
+    assert 0.0 < row.params["t_mean"] <= 1.0
+    assert row.ood_acc == pytest.approx(hand_acc(state, [sweep["ood"]]), abs=1e-9)
+
+
+def test_merge_rows_and_their_chosen_values_reach_the_table_the_metrics_and_mlflow(
+    merged_cell, tmp_path
+):
+    from ratatouille.orchestration.reporting import reduce_metrics
+    from ratatouille.reducer.merges import params_text
+    from ratatouille.reducer.reduce import format_table, long_form, summarize
+    from ratatouille.tracking.store import Tracker
+    from tiny import tiny_config
+
+    _, _, result = merged_cell
+    results = {("d2", 0): result}
+    table = format_table(summarize(results))
+    assert "| ties_ratatouille |" in table and "| fisher_robust_ratatouille |" in table
+    metrics = reduce_metrics(results)
+    ties = _row(result, "ties_soups")
+    assert ties.params == {"density": 0.3, "lambda": 1.0}
+    assert metrics["ood_acc/ties_soups"] == pytest.approx(ties.ood_acc)
+    assert metrics["id_val_acc/dare_ratatouille"] == _row(result, "dare_ratatouille").id_val_acc
+    assert metrics["merge_param/dare_soups/p"] == 0.3
+    assert metrics["merge_param/fisher_soups/fisher_batches"] == 1.0
+    assert "- d2-split0 ties_soups: density=0.3, lambda=1" in params_text(results)
+
+    config = tiny_config(tmp_path)
+    tracker = Tracker("merges", config.tracking.mlflow_uri, entry_point="ratatouille run")
+    tracker.start_parent(str(tmp_path / "run-1"), config.model_dump(mode="json"))
+    run_id, wrote = tracker.log_reduction(metrics, long_form(results), {}, {"report.md": table})
+    logged = tracker.client.get_run(run_id).data.metrics
+    assert wrote and logged["ood_acc/model_stock_robust_ratatouille"] == pytest.approx(
+        _row(result, "model_stock_robust_ratatouille").ood_acc
+    )
+    assert logged["merge_param/task_arithmetic_soups/lambda"] in (0.2, 0.5)
+    comparison = tracker.client.load_table(tracker.experiment_id, "comparison.json", [run_id])
+    assert {"task_arithmetic_soups", "fisher_ratatouille"} <= set(comparison.strategy)
+
+
+def test_reduce_merges_is_off_by_default_and_its_grids_are_checked():
+    from ratatouille.core.config import ConfigError, parse_config
+
+    minimal = {"name": "exp", "data": {"dataset": "digits"}, "aux": {"tasks": ["digits_aux_a"]}}
+    assert parse_config(minimal).reduce.merges is None
+    on = parse_config({**minimal, "reduce": {"merges": {}}}).reduce.merges
+    assert on is not None and on.methods == [
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "model_stock",
+        "fisher",
+    ]
+    for bad, field in (
+        ({"ties_densities": [0.0]}, "ties_densities"),
+        ({"dare_drop_rates": [1.0]}, "dare_drop_rates"),
+        ({"methods": ["slerp"]}, "methods"),
+        ({"lambdas": [1.0]}, "lambdas"),
+    ):
+        with pytest.raises(ConfigError, match=f"reduce.merges.{field}"):
+            parse_config({**minimal, "reduce": {"merges": bad}})

@@ -48,6 +48,14 @@ InitPolicy = Callable[[InitDraw], list[InitChoice]]
 MULTI_MODEL_STRATEGIES = frozenset({"ma", "ensemble_ma", "ensemble_soups", "ensemble_ratatouille"})
 #: ``reduce.final_model``'s rule that registers the highest-ID-val averaged model.
 BEST_ID_VAL = "best_id_val"
+#: The merge methods beyond averaging (``reduce.merges``), in table order; each is a strategy
+#: ``<method>_<arm>`` of every averaging arm, built only when ``reduce.merges`` is set.
+MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "model_stock", "fisher")
+
+
+def merge_strategies(arm: str) -> tuple[str, ...]:
+    """The merge strategies of ``arm``: ``task_arithmetic_soups``, ``ties_soups``, ..."""
+    return tuple(f"{method}_{arm}" for method in MERGE_METHODS)
 
 
 def final_model_rules() -> list[str]:
@@ -144,6 +152,7 @@ ARMS: dict[str, Arm] = {
                 "ensemble_soups",
                 "soup_uniform",
                 "soup_greedy",
+                *merge_strategies("soups"),
             ),
             color="tab:blue",
         ),
@@ -160,6 +169,7 @@ ARMS: dict[str, Arm] = {
                 "ensemble_ratatouille",
                 "ratatouille_uniform",
                 "ratatouille_greedy",
+                *merge_strategies("ratatouille"),
             ),
             color="tab:orange",
         ),
@@ -187,6 +197,7 @@ ARMS: dict[str, Arm] = {
                 "robust_inter_training",
                 "robust_ratatouille_uniform",
                 "robust_ratatouille_greedy",
+                *merge_strategies("robust_ratatouille"),
             ),
             color="tab:red",
         ),
@@ -210,6 +221,7 @@ def arms_where(predicate: Callable[[Arm], bool], names: Sequence[str] | None = N
 
 __all__ = [
     "ARMS",
+    "MERGE_METHODS",
     "PRETRAINED",
     "Arm",
     "InitChoice",
@@ -221,4 +233,5 @@ __all__ = [
     "final_model_rules",
     "fusing_mixture",
     "get_arm",
+    "merge_strategies",
 ]
