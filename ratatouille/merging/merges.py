@@ -65,12 +65,16 @@ class _Ancestor:
         }
         self.fixed: dict[str, Tensor] = {}
 
+    def check(self, state: StateDict, index: int) -> None:
+        """Refuse a run unlike ``theta_0``; keep the first run's non-floating tensors."""
+        _check_compatible(self.meta, state, f"run {index}")
+        if index == 0:
+            self.fixed = {k: t.detach().clone() for k, t in state.items() if k not in self.floats}
+
     @torch.no_grad()
     def task_vector(self, state: StateDict, index: int) -> dict[str, Tensor]:
-        """``tau_i`` of each floating tensor; keeps the first run's non-floating tensors."""
-        _check_compatible(self.meta, state, f"run {index}")
-        if not self.fixed:
-            self.fixed = {k: t.detach().clone() for k, t in state.items() if k not in self.floats}
+        """``tau_i`` of each floating tensor (after :meth:`check`)."""
+        self.check(state, index)
         return {k: state[k].detach().to(base.dtype) - base for k, base in self.floats.items()}
 
     @torch.no_grad()
@@ -114,8 +118,8 @@ class MagnitudeTrim:
         if (index, key) not in self.thresholds:
             magnitudes = tau.abs().reshape(-1)
             keep = math.ceil(self.density * magnitudes.numel())
-            # the k-th largest = the (n - k + 1)-th smallest
-            kth = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
+            # the k-th largest magnitude; an unsorted top-k is faster than kthvalue on the CPU
+            kth = magnitudes.topk(keep, sorted=False).values.min()
             self.thresholds[(index, key)] = float(kth)
         return torch.where(tau.abs() >= self.thresholds[(index, key)], tau, 0.0)
 
@@ -188,6 +192,17 @@ def task_vector_sums(
     sums: dict[Hashable, dict[str, Tensor]] = {
         name: {k: torch.zeros_like(t) for k, t in ancestor.floats.items()} for name in chosen
     }
+    if sparsifiers is None:  # sum_i tau_i = sum_i theta_i - M theta_0: no task vector to build
+        plain = sums[None]
+        for index, load in enumerate(loaders):
+            state = load()
+            ancestor.check(state, index)
+            for key, total in plain.items():
+                total.add_(state[key].detach())
+            del state
+        for key, total in plain.items():
+            total.sub_(ancestor.floats[key], alpha=len(loaders))
+        return TaskVectorSums(ancestor, sums, len(loaders))
     for index, load in enumerate(loaders):
         taus = ancestor.task_vector(load(), index)
         for name, sparsify in chosen.items():
@@ -271,9 +286,9 @@ def ties_merging(
         for name, sparsify in sparsifiers.items():
             for key, tau in taus.items():
                 kept = sparsify(index, key, tau)
-                agrees = (torch.sign(kept).to(torch.int8) == signs[name][key]) & (kept != 0)
-                agree[name][key].add_(torch.where(agrees, kept, 0.0))
-                counts[name][key].add_(agrees.to(torch.int32))
+                agrees = kept.mul(signs[name][key]) > 0  # same sign as elected, and nonzero
+                agree[name][key].add_(kept * agrees)  # not in place: kept may be tau
+                counts[name][key].add_(agrees)
         del taus
     means = {
         name: {k: a / counts[name][k].clamp(min=1).to(a.dtype) for k, a in by_key.items()}
