@@ -33,6 +33,7 @@ PURE_MODULES = (
     "ratatouille.merging.soups",
     "ratatouille.merging.diversity",
     "ratatouille.merging.interpolation",
+    "ratatouille.merging.merges",
 )
 #: Everything but orchestration (Ray) and tracking (MLflow), and the cli that wires them.
 RAY_AND_MLFLOW_FREE = tuple(

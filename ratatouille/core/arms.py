@@ -52,6 +52,14 @@ GrowPolicy = Callable[[InitDraw, Sequence[InitChoice], Sequence[Sequence[str]]],
 MULTI_MODEL_STRATEGIES = frozenset({"ma", "ensemble_ma", "ensemble_soups", "ensemble_ratatouille"})
 #: ``reduce.final_model``'s rule that registers the highest-ID-val averaged model.
 BEST_ID_VAL = "best_id_val"
+#: The merge methods beyond averaging (``reduce.merges``), in table order; each is a strategy
+#: ``<method>_<arm>`` of every averaging arm, built only when ``reduce.merges`` is set.
+MERGE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare", "model_stock", "fisher")
+
+
+def merge_strategies(arm: str) -> tuple[str, ...]:
+    """The merge strategies of ``arm``: ``task_arithmetic_soups``, ``ties_soups``, ..."""
+    return tuple(f"{method}_{arm}" for method in MERGE_METHODS)
 
 
 def final_model_rules() -> list[str]:
@@ -187,6 +195,7 @@ ARMS: dict[str, Arm] = {
                 "ensemble_soups",
                 "soup_uniform",
                 "soup_greedy",
+                *merge_strategies("soups"),
             ),
             color="tab:blue",
         ),
@@ -203,6 +212,7 @@ ARMS: dict[str, Arm] = {
                 "ensemble_ratatouille",
                 "ratatouille_uniform",
                 "ratatouille_greedy",
+                *merge_strategies("ratatouille"),
             ),
             color="tab:orange",
         ),
@@ -231,6 +241,7 @@ ARMS: dict[str, Arm] = {
                 "robust_inter_training",
                 "robust_ratatouille_uniform",
                 "robust_ratatouille_greedy",
+                *merge_strategies("robust_ratatouille"),
             ),
             color="tab:red",
         ),
@@ -254,6 +265,7 @@ def arms_where(predicate: Callable[[Arm], bool], names: Sequence[str] | None = N
 
 __all__ = [
     "ARMS",
+    "MERGE_METHODS",
     "PRETRAINED",
     "Arm",
     "GrowPolicy",
@@ -268,4 +280,5 @@ __all__ = [
     "get_arm",
     "grow_balanced",
     "grow_fusing",
+    "merge_strategies",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ratatouille.core.arms import ARMS, final_model_rules
+from ratatouille.core.arms import ARMS, MERGE_METHODS, final_model_rules
 from ratatouille.core.errors import UserError
 
 
@@ -235,6 +235,68 @@ class TargetConfig(_Section):
         return self
 
 
+MergeMethod = Literal["task_arithmetic", "ties", "dare", "model_stock", "fisher"]  # MERGE_METHODS
+
+
+class MergesConfig(_Section):
+    """The reducer's merge methods beyond averaging, each a row per averaging arm, with the
+    grids their hyperparameters are chosen from on ID validation (never on the OOD split)."""
+
+    methods: list[MergeMethod] = Field(
+        list(MERGE_METHODS),  # type: ignore[arg-type]  # the Literal spelled out above
+        min_length=1,
+        description="which merge methods to build",
+    )
+    task_arithmetic_lambdas: list[float] = Field(
+        [0.05, 0.1, 0.2, 0.3],
+        min_length=1,
+        description="task arithmetic: theta_0 + lambda * sum of task vectors; lambda = 1/M is "
+        "the uniform soup",
+    )
+    ties_densities: list[float] = Field(
+        [0.2], min_length=1, description="TIES: fraction of each task vector's entries kept"
+    )
+    ties_lambdas: list[float] = Field(
+        [1.0], min_length=1, description="TIES: theta_0 + lambda * the agreeing mean"
+    )
+    dare_drop_rates: list[float] = Field(
+        [0.5], min_length=1, description="DARE: probability p that an entry is dropped"
+    )
+    dare_lambdas: list[float] = Field(
+        [1.0], min_length=1, description="DARE: theta_0 + lambda * merged task vector"
+    )
+    dare_merge: Literal["average", "ties"] = Field(
+        "average", description="what follows DARE's drop and rescale: average or TIES"
+    )
+    fisher_batches: int = Field(
+        2,
+        gt=0,
+        description="Fisher averaging: batches of reduce batch size per training domain's "
+        "ID-train split on which each run's diagonal Fisher is estimated",
+    )
+
+    @field_validator("task_arithmetic_lambdas", "ties_lambdas", "dare_lambdas")
+    @classmethod
+    def _finite_scales(cls, values: list[float]) -> list[float]:
+        if any(not v > 0.0 or v == float("inf") for v in values):
+            raise ValueError(f"scales lambda must be finite and > 0, got {values}")
+        return values
+
+    @field_validator("ties_densities")
+    @classmethod
+    def _densities(cls, values: list[float]) -> list[float]:
+        if any(not 0.0 < v <= 1.0 for v in values):
+            raise ValueError(f"TIES densities are fractions in (0, 1], got {values}")
+        return values
+
+    @field_validator("dare_drop_rates")
+    @classmethod
+    def _drop_rates(cls, values: list[float]) -> list[float]:
+        if any(not 0.0 <= v < 1.0 for v in values):
+            raise ValueError(f"DARE drop rates are in [0, 1), got {values}")
+        return values
+
+
 class ReduceConfig(_Section):
     wise_alpha: float = Field(0.5, ge=0.0, le=1.0)
     lmc_tolerance: float = Field(0.01, ge=0.0)
@@ -256,6 +318,11 @@ class ReduceConfig(_Section):
         description="the registered model of each cell: a single-model strategy of the reducer, "
         "or best_id_val (the highest-ID-val soup, biased towards greedy soups); the default is "
         "the paper's main method",
+    )
+    merges: MergesConfig | None = Field(
+        None,
+        description="merge methods beyond averaging (task arithmetic, TIES, DARE, Model Stock, "
+        "Fisher averaging) as rows of every averaging arm; off when absent",
     )
 
     @field_validator("final_model")

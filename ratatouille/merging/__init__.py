@@ -1,9 +1,12 @@
-"""The pure merging math: soups, diversity, interpolation (no Ray, no MLflow, no data).
+"""The pure merging math: soups, merges on task vectors, diversity, interpolation (no Ray, no
+MLflow, no data).
 
 The public contract, importable from here or from each module:
 ``average``, ``uniform_soup``, ``greedy_soup``, ``interpolate``, ``fusing_weights``;
 ``q_statistic``, ``ratio_errors``, ``pairwise_diversity``;
-``interpolation_curve``, ``three_weight_curve``, ``lmc_verdict``.
+``interpolation_curve``, ``three_weight_curve``, ``lmc_verdict``. The merge methods on task
+vectors (task arithmetic, TIES, DARE, Model Stock, Fisher averaging) are in
+:mod:`ratatouille.merging.merges`.
 """
 
 from ratatouille.merging.diversity import pairwise_diversity, q_statistic, ratio_errors

@@ -34,6 +34,7 @@ from ratatouille.recipe.stages import StateDict, TrialContext, context_for
 from ratatouille.recipe.sweep import domain_sizes_of
 from ratatouille.reducer.claims import claims_metrics, claims_table, format_claims
 from ratatouille.reducer.evaluate import reducer_memory_bytes
+from ratatouille.reducer.merges import param_metrics, params_text
 from ratatouille.reducer.plots import cross_cell_figures
 from ratatouille.reducer.plots import figures as cell_figures
 from ratatouille.reducer.reduce import (
@@ -187,6 +188,7 @@ def _reduce_one_cell(
         max_pairs=config.reduce.max_pairs,
         final_model=config.reduce.final_model,
         greedy_threshold=config.reduce.greedy_threshold,
+        merges=config.reduce.merges,
         seed=config.seed,
         device=context.device(),
     )
@@ -202,6 +204,7 @@ def _reduce_one_cell(
         pool_featurizers=pool_loaders,
         settings=settings,
         predict=_predict(config),
+        id_train=splits.train,
     )
     return CellReduction(
         reduce_cell(inputs), _cell_inputs(config, dataset, cell), example, settings.device
@@ -295,6 +298,7 @@ def reduce_metrics(
         suffix = "" if split == "ood_test" else f"_{split}"  # OOD keeps its earlier key
         metrics[f"q_diversity{suffix}/{arm}"] = rows.q_diversity.mean()
         metrics[f"ratio_error{suffix}/{arm}"] = rows.ratio_error.mean()
+    metrics.update(param_metrics(results))  # the merges' hyperparameters chosen on ID val
     return {key: float(value) for key, value in metrics.items() if pd.notna(value)}
 
 
@@ -346,7 +350,7 @@ def reduce_and_log(config: ExperimentConfig, state: Any, tracker: Any) -> Outcom
         figures.update({f"{name}{suffix}": fig for name, fig in cell_figures(result).items()})
     claims = claims_table(results)
     claims_md = format_claims(claims)
-    report = table + "\n" + _final_models_text(results)
+    report = table + "\n" + _final_models_text(results) + params_text(results)
     report += "".join(f"\nexcluded {line}" for line in excluded)
     report += f"\n\n## The paper's claims, computed over {len(results)} cells\n\n{claims_md}"
     inputs = [item for reduction in cells.values() for item in reduction.inputs]

@@ -13,6 +13,7 @@ from typing import Literal
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ratatouille.core.config import MergesConfig
 from ratatouille.engine.models import Classifier
 from ratatouille.reducer.evaluate import Predict
 
@@ -44,7 +45,8 @@ class ReduceSettings:
     ``final_model`` is the rule that picks the registered model (a single-model strategy, or
     ``best_id_val``; see :func:`ratatouille.reducer.strategies.choose_final`);
     ``greedy_threshold``: the greedy soup's first threshold, the best run's logged ID-val score
-    or (``measured``) its ID-val accuracy measured by the reducer.
+    or (``measured``) its ID-val accuracy measured by the reducer; ``merges``: the merge
+    methods beyond averaging and their grids (``reduce.merges``; None builds none of them).
     """
 
     wise_alpha: float = 0.5
@@ -58,6 +60,7 @@ class ReduceSettings:
     ablation_points: int = 6
     final_model: str = "ratatouille_uniform"
     greedy_threshold: Literal["logged", "measured"] = "logged"
+    merges: MergesConfig | None = None
 
 
 @dataclass
@@ -75,3 +78,5 @@ class ReduceInputs:
     pool_featurizers: dict[str, Callable[[], dict[str, Tensor]]]  # name -> phi_aux loader
     settings: ReduceSettings = field(default_factory=ReduceSettings)
     predict: Predict | None = None  # defaults to ratatouille.engine.train.predict_logits
+    # ID-train split of each training domain: only Fisher averaging reads it (reduce.merges)
+    id_train: list[Dataset] = field(default_factory=list)

@@ -184,6 +184,7 @@ def _evaluate_on_ood(
                 "members": list(s.members),
                 "arm": s.arm,
                 "selection": s.selection,
+                "params": dict(s.params),
             }
         )
     return pandas.DataFrame(rows)

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ratatouille.core.arms import BEST_ID_VAL
+from ratatouille.core.arms import BEST_ID_VAL, MERGE_METHODS, merge_strategies
 from ratatouille.merging.soups import greedy_soup, interpolate, uniform_soup
 from ratatouille.reducer.evaluate import ID_VAL, Evaluator
 from ratatouille.reducer.inputs import ReduceError, ReduceInputs, TargetRun
+from ratatouille.reducer.merges import MERGE_BUILDS
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Selected:
     kind: str
     members: tuple[str, ...]
     id_val_acc: float
+    params: dict[str, float] = field(default_factory=dict)  # hyperparameters chosen on ID val
 
 
 class StateStore:
@@ -177,6 +179,37 @@ def _greedy(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selec
     return Selected(name, arm, "greedy", "state", chosen, greedy.score)
 
 
+def _merge(method: str) -> Build:
+    """The strategy of one merge method (:mod:`ratatouille.reducer.merges`, whose builds cite
+    their papers and inputs): built only when ``reduce.merges`` lists the method."""
+    merge = MERGE_BUILDS[method][1]
+
+    def build(name: str, arm: str, runs: list[TargetRun], sel: Selection) -> Selected | None:
+        grid = sel.inputs.settings.merges
+        if grid is None or method not in grid.methods:
+            return None
+        choice = merge(runs, sel.inputs, sel.ev, grid)
+        sel.store.save(name, choice.state)
+        members = tuple(r.run_id for r in runs)
+        return Selected(
+            name, arm, choice.selection, "state", members, choice.id_val_acc, choice.params
+        )
+
+    build.__doc__ = merge.__doc__
+    return build
+
+
+_ARM_LABELS = {"soups": "soups", "ratatouille": "ratatouille", "robust_ratatouille": "robust"}
+
+
+def _merge_rows(arm: str) -> tuple[Strategy, ...]:
+    """``<method>_<arm>`` for every merge method, after the arm's greedy soup."""
+    return tuple(
+        Strategy(name, f"{MERGE_BUILDS[method][0]} ({_ARM_LABELS[arm]} runs)", arm, _merge(method))
+        for method, name in zip(MERGE_METHODS, merge_strategies(arm))
+    )
+
+
 STRATEGIES: dict[str, Strategy] = {
     strategy.name: strategy
     for strategy in (
@@ -187,6 +220,7 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("ensemble_soups", "Ensemble* (uniform)", "soups", _ensemble),
         Strategy("soup_uniform", "Model soups (uniform)", "soups", _uniform),
         Strategy("soup_greedy", "Model soups (greedy)", "soups", _greedy),
+        *_merge_rows("soups"),
         Strategy(
             "inter_training",
             "Inter-training (ID val)",
@@ -202,6 +236,7 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("fusing", "Fusing (ID val)", "fusing", _best_id_val),
         Strategy("ratatouille_uniform", "Model ratatouille (uniform)", "ratatouille", _uniform),
         Strategy("ratatouille_greedy", "Model ratatouille (greedy)", "ratatouille", _greedy),
+        *_merge_rows("ratatouille"),
         Strategy(
             "robust_inter_training",
             "Robust inter-training (ID val)",
@@ -220,6 +255,7 @@ STRATEGIES: dict[str, Strategy] = {
             "robust_ratatouille",
             _greedy,
         ),
+        *_merge_rows("robust_ratatouille"),
     )
 }
 
