@@ -298,10 +298,20 @@ def test_bench_throughput_writes_what_plan_then_uses(tmp_path, capsys):
     assert f"measured on {measured['device']} at {measured['measured_at']}" in out
     # TINY: pretrain 960 + aux 768 + target 10,368 training images (test_plan_prices_each_
     # stage_at_what_it_costs); evaluation: sizes of the embedded domains (300 each, T0 and
-    # aux 597): pretrain 4 x 119, aux 2 x 3 x 119, probe 900, target 9 x (5 x 180 + 300),
-    # reduce 3 x (3 x 180 + 2 x 300).
+    # aux 597): pretrain 4 x 119, aux 2 x 3 x 119, probe 900, target 9 x 5 x 180 (ID val only,
+    # never the test domain), and the reducer's images as its own count gives them
+    # (tests/test_reduce_plan.py checks that count against an instrumented reduction).
+    from ratatouille.cli.main import reducer_evaluations
+    from ratatouille.core.config import load_config
+    from ratatouille.recipe.checks import experiment_cells
+    from ratatouille.recipe.sweep import domain_sizes_of
+
+    parsed = load_config(config)
+    reduce_images = reducer_evaluations(
+        parsed, experiment_cells(parsed), domain_sizes_of(parsed.seed)
+    ).images
     train = 960 + 768 + 9 * 12 * 32 * 3
-    evals = 4 * 119 + 6 * 119 + 900 + 9 * (5 * 180 + 300) + 3 * (3 * 180 + 600)
+    evals = 4 * 119 + 6 * 119 + 900 + 9 * 5 * 180 + reduce_images
     assert _total_hours(out) == pytest.approx((train / 50 + evals / 500) / 3600, abs=0.005)
 
 

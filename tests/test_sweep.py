@@ -330,24 +330,49 @@ def test_plan_prices_each_stage_at_what_it_costs(tmp_path):
     from ratatouille.recipe.sweep import Rates, evaluations, plan_rows
 
     config = tiny_config(tmp_path, target={"checkpoint_freq": 5})
-    rows = plan_rows(config, experiment_cells(config), _fake_sizes, Rates(100.0, 1000.0, "x"))
+    rows = plan_rows(config, experiment_cells(config), _fake_sizes, Rates(100.0, 1000.0, "x"), 1020)
     got = {r["stage"]: (r["trials"], r["images"], r["eval_images"]) for r in rows}
     # Held-out rot30 (300 images): 700 training-domain images, ID-val = 20 % of them = 140.
     # pretrain: 30 steps x 32 x 1 domain; ID-val (10 of 50) at steps 0, 10, 20, 29.
     # aux: 2 tasks x 12 steps x 32; ID-val once, at the last step (aux.eval_freq unset).
     # probe: features of the 560 ID-train images once + one ID-val pass = 700, no training.
-    # target: 3 arms x 3 runs x 12 steps x 32 x 3 domains; ID-val at steps 0, 5, 10, 11, then
-    # the 300 test images once.
-    # reduce: per arm, greedy 2 + uniform 1 ID-val passes, both soups once on OOD.
+    # target: 3 arms x 3 runs x 12 steps x 32 x 3 domains; ID-val at steps 0, 5, 10, 11; the
+    # test domain is never read (run_target scores ID val only).
+    # reduce: the images the reducer's own count gives (tests/test_reduce_plan.py checks it).
     assert got == {
         "pretrain": (1, 30 * 32, 4 * 10),
         "aux": (2, 2 * 12 * 32, 2 * 1 * 10),
         "probe": (1, 0, 700),
-        "target": (9, 9 * 12 * 32 * 3, 9 * (4 * 140 + 300)),
-        "reduce": (0, 0, 3 * (3 * 140 + 2 * 300)),
+        "target": (9, 9 * 12 * 32 * 3, 9 * 4 * 140),
+        "reduce": (0, 0, 1020),
     }
     train = 30 * 32 + 2 * 12 * 32 + 9 * 12 * 32 * 3
-    evals = 40 + 20 + 700 + 9 * 860 + 3 * 1020
+    evals = 40 + 20 + 700 + 9 * 560 + 1020
     hours = sum(r["gpu_hours"] for r in rows)
     assert hours == pytest.approx((train / 100 + evals / 1000) / 3600)
     assert [evaluations(n, f) for n, f in ((12, 3), (12, 5), (400, 50), (1, 7))] == [5, 4, 9, 1]
+
+
+def test_plan_prices_storage_as_weights_files_written_once_and_read_once_per_task(tmp_path):
+    from ratatouille.recipe.sweep import ModelBytes, Rates, plan_rows, storage_bytes
+
+    # two trials writing 1 and 2 whole-model files, 3 snapshots of 4 model-sized files, 5 reads
+    assert storage_bytes([(1, 0), (2, 0)], ModelBytes(100, 10), [3, 0], 5) == (
+        110 + 220 + 3 * 4 * 110,
+        5 * 110,
+    )
+    assert storage_bytes([(0, 1)] * 2, ModelBytes(100, 10), [], 0) == (20, 0)
+    config = tiny_config(tmp_path, target={"moving_average": True})
+    cells = experiment_cells(config)
+    rows = {
+        r["stage"]: r
+        for r in plan_rows(config, cells, _fake_sizes, Rates(1.0, 1.0, "x"), 0, ModelBytes(90, 10))
+    }
+    # 9 target trials, the 3 soups runs also write their moving average; no snapshot field
+    assert rows["target"]["written"] == (9 + 3) * 100
+    # the reducer reads those 12 files once (one split seed: no uniform† task), writes the
+    # cell's final model
+    assert (rows["reduce"]["written"], rows["reduce"]["read"]) == (100, 12 * 100)
+    assert rows["probe"]["written"] == 10 and rows["target"]["read"] == 0
+    unknown = plan_rows(config, cells, _fake_sizes, Rates(1.0, 1.0, "x"))
+    assert {r["written"] for r in unknown} == {None}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ratatouille.core.config import ExperimentConfig, load_config, parse_config
 from ratatouille.core.errors import UserError
+
+if TYPE_CHECKING:
+    from ratatouille.reducer.dry_run import EvalCount
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_EXCLUDED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C (SIGTERM stops the same way)
@@ -156,22 +160,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     config = apply_overrides(load_config(args.config), args)
     from ratatouille.recipe.checks import experiment_cells
-    from ratatouille.recipe.sweep import domain_sizes_of, format_plan, plan_rates, plan_rows
+    from ratatouille.recipe.sweep import (
+        domain_sizes_of,
+        format_plan,
+        model_bytes,
+        plan_rates,
+        plan_rows,
+    )
 
     rates, note = plan_rates(config, args.config, args.throughput)
     if note:
         print(note, file=sys.stderr)
     sizes = domain_sizes_of(config.seed)
     cells = experiment_cells(config)
+    targets, done = None, None
     if args.resume:
         from ratatouille.orchestration.pipeline import resume_plan
 
         targets, done = resume_plan(config)
-        rows = plan_rows(config, cells, sizes, rates, targets=targets, done=done)
-    else:
-        rows = plan_rows(config, cells, sizes, rates)
+    images = reducer_evaluations(config, cells, sizes, targets).images
+    rows = plan_rows(
+        config, cells, sizes, rates, images, model_bytes(config), targets=targets, done=done
+    )
     print(format_plan(rows, rates))
     return EXIT_OK
+
+
+def reducer_evaluations(
+    config: ExperimentConfig, cells: list, sizes: Callable, targets: list | None = None
+) -> EvalCount:
+    """What every reducer task of the sweep forward-passes, counted by running the reducer on
+    the sweep's shape (:mod:`ratatouille.reducer.dry_run`); ``targets``: a resumed sweep's."""
+    from ratatouille.recipe.sweep import reducer_cells
+    from ratatouille.reducer.dry_run import CellShape, ShadowRun, count_sweep
+    from ratatouille.reducer.inputs import settings_from_config
+
+    shapes = [
+        CellShape(
+            cell.test_domain,
+            cell.split_seed,
+            tuple(ShadowRun(*run) for run in runs),
+            tuple(id_val),
+            tuple(ood),
+        )
+        for cell, runs, id_val, ood in reducer_cells(config, cells, sizes, targets)
+    ]
+    settings = settings_from_config(config.reduce, config.seed)
+    return count_sweep(shapes, settings, config.reduce.uniform_dagger)
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:

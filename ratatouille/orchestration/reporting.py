@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ratatouille.core.arms import arms_where
 from ratatouille.core.config import ExperimentConfig
 from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
 from ratatouille.data import MultiDomainDataset, TaskSplits
@@ -34,13 +33,13 @@ from ratatouille.recipe.stages import StateDict, TrialContext, context_for
 from ratatouille.recipe.sweep import domain_sizes_of
 from ratatouille.reducer.claims import claims_metrics, claims_table, format_claims
 from ratatouille.reducer.evaluate import reducer_memory_bytes
+from ratatouille.reducer.inputs import recycled_sources, settings_from_config
 from ratatouille.reducer.merges import param_metrics, params_text
 from ratatouille.reducer.plots import cross_cell_figures
 from ratatouille.reducer.plots import figures as cell_figures
 from ratatouille.reducer.reduce import (
     ReduceInputs,
     ReduceResult,
-    ReduceSettings,
     TargetRun,
     reduce_cell,
     reduce_domain_dagger,
@@ -89,7 +88,7 @@ def _target_runs(outcomes: list[TrialOutcome]) -> list[TargetRun]:
         assert outcome.checkpoint is not None, f"{spec.trial_name} kept no best checkpoint"
         runs.append(
             TargetRun(
-                run_id=f"{spec.arm}-{spec.run}",
+                run_id=spec.run_id,
                 arm=spec.arm,
                 init_source=spec.init_source,
                 id_val_acc=float(outcome.metrics[MetricKey.BEST_ID_VAL_ACC]),
@@ -110,13 +109,7 @@ def _ma_loader(outcome: TrialOutcome) -> Callable[[], StateDict] | None:
 
 
 def _recycled_sources(runs: list[TargetRun]) -> list[str]:
-    """Pool entries for Hypothesis 1: those of the first recycling arm of the registry that has
-    runs, so a curve never joins a featurizer to its own moving average."""
-    for arm in arms_where(lambda a: a.recycles):
-        names = sorted({r.init_source for r in runs if r.arm == arm} - {PRETRAINED})
-        if names:
-            return names
-    return []
+    return recycled_sources([r.arm for r in runs], [r.init_source for r in runs])
 
 
 def _cell_inputs(config: ExperimentConfig, dataset: Any, cell: Cell) -> list[tuple[str, dict]]:
@@ -181,17 +174,7 @@ def _reduce_one_cell(
     pool_loaders: dict[str, Callable[[], StateDict]] = {
         name: functools.partial(_copy_of, featurizers, name) for name in _recycled_sources(runs)
     }
-    settings = ReduceSettings(
-        wise_alpha=config.reduce.wise_alpha,
-        lmc_tolerance=config.reduce.lmc_tolerance,
-        ablation_draws=config.reduce.ablation_draws,
-        max_pairs=config.reduce.max_pairs,
-        final_model=config.reduce.final_model,
-        greedy_threshold=config.reduce.greedy_threshold,
-        merges=config.reduce.merges,
-        seed=config.seed,
-        device=context.device(),
-    )
+    settings = settings_from_config(config.reduce, config.seed, context.device())
     inputs = ReduceInputs(
         test_domain=cell.test_domain,
         split_seed=cell.split_seed,

@@ -154,6 +154,17 @@ class TargetSpec(TrialSpec):
     def _name_parts(self) -> tuple[Any, ...]:
         return (self.stage, self.arm, self.cell.test_domain, self.run)
 
+    @property
+    def run_id(self) -> str:
+        """The reducer's name of the run: unique within its cell."""
+        return f"{self.arm}-{self.run}"
+
+
+def ma_arms(moving_average: bool) -> tuple[str, ...]:
+    """The target arms whose runs keep a moving average of their weights (``target.
+    moving_average``: the MA and ensemble-of-averages rows of the soups arm)."""
+    return ("soups",) if moving_average else ()
+
 
 SPEC_TYPES: dict[str, type[TrialSpec]] = {
     str(cls.stage): cls for cls in (PretrainSpec, AuxProbeSpec, AuxSpec, ProbeSpec, TargetSpec)

@@ -53,6 +53,7 @@ from ratatouille.recipe.specs import (
     ProbeSpec,
     TargetSpec,
     TrialSpec,
+    ma_arms,
 )
 
 StateDict = dict[str, Tensor]
@@ -139,7 +140,7 @@ def context_for(config: ExperimentConfig, **weights: Any) -> TrialContext:
         arch=config.model.arch,
         freeze_bn=config.model.freeze_bn,
         gpus_per_trial=config.resources.gpus_per_trial,
-        ma_arms=("soups",) if config.target.moving_average else (),
+        ma_arms=ma_arms(config.target.moving_average),
         ma_start=config.target.ma_start,
         cpus_per_trial=config.resources.cpus_per_trial,
         compile=config.model.compile,

@@ -40,6 +40,7 @@ from ratatouille.recipe.specs import (
     ProbeSpec,
     TargetSpec,
     digest,
+    ma_arms,
 )
 
 #: Bump when the data pipeline (transforms, splits, loaders) changes what a trial reads: every
@@ -410,7 +411,16 @@ def _evaluations_of(spec: Any) -> int:
     return evaluations(spec.steps, spec.checkpoint_freq)
 
 
-def _row(stage: str, specs: list[Any], train: int, evals: int, rates: Rates) -> dict[str, Any]:
+def plan_row(
+    stage: str,
+    specs: list[Any],
+    train: int,
+    evals: int,
+    rates: Rates,
+    storage: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """One row of `plan`; ``storage``: (bytes written to, bytes read from storage), None when
+    the model's size is not known here."""
     return {
         "stage": stage,
         "trials": len(specs),
@@ -418,7 +428,131 @@ def _row(stage: str, specs: list[Any], train: int, evals: int, rates: Rates) -> 
         "images": train,
         "eval_images": evals,
         "gpu_hours": (train / rates.train + evals / rates.eval) / 3600,
+        "written": storage[0] if storage else None,
+        "read": storage[1] if storage else None,
     }
+
+
+#: Classes of the DomainBed datasets (the embedded tasks' are read from the tasks).
+DOMAINBED_NUM_CLASSES: dict[str, int] = {
+    "PACS": 7,
+    "VLCS": 5,
+    "OfficeHome": 65,
+    "TerraIncognita": 10,
+    "DomainNet": 345,
+}
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """Bytes of a trial's weights files (safetensors of float32 tensors, as the trials write)."""
+
+    featurizer: int
+    head: int
+
+    @property
+    def model(self) -> int:
+        return self.featurizer + self.head
+
+
+def model_bytes(config: ExperimentConfig) -> ModelBytes | None:
+    """The size of the config's classifier, built on PyTorch's meta device (no memory, no
+    weights read); None when the architecture cannot be built here (a hub or folder model)."""
+    import torch
+
+    from ratatouille.engine.models import build_classifier
+
+    dataset = config.data.dataset
+    if dataset in DOMAINBED_NUM_CLASSES:
+        classes = DOMAINBED_NUM_CLASSES[dataset]
+    else:
+        classes = get_dataset(dataset, seed=config.seed).num_classes
+    try:
+        with torch.device("meta"):
+            model = build_classifier(config.model.arch, classes)
+    except Exception:  # a hub or local-dir model needs files this machine may not have
+        return None
+    sizes = {"featurizer": 0, "head": 0}
+    for key, tensor in model.state_dict().items():
+        sizes[key.split(".", 1)[0]] += tensor.numel() * tensor.element_size()
+    return ModelBytes(sizes["featurizer"], sizes["head"])
+
+
+#: A resumable snapshot of a trial, in model-sized files: the model, Adam's two moments and the
+#: best ID-val weights.
+SNAPSHOT_WEIGHTS = 4
+
+
+def snapshots_of(config: ExperimentConfig, seconds: float) -> int:
+    """Resumable snapshots a trial of ``seconds`` writes: one per ``resources.snapshot_every_s``
+    when the config has that field, none otherwise (its weights files only)."""
+    every = getattr(config.resources, "snapshot_every_s", None)
+    return int(seconds // every) if every else 0
+
+
+def storage_bytes(
+    files_per_trial: list[tuple[int, int]],
+    weights: ModelBytes,
+    snapshots: list[int],
+    read_files: int = 0,
+) -> tuple[int, int]:
+    """(bytes written, bytes read) by a stage on storage: `plan`'s byte model, in one place.
+
+    ``files_per_trial``: per trial, the (whole-model, head-only) weights files it writes once
+    (its final weights: best ID-val, moving average, a pool entry, a head); ``snapshots``: per
+    trial, its resumable snapshots of :data:`SNAPSHOT_WEIGHTS` model-sized files each;
+    ``read_files``: whole-model weights files the stage reads (the reducer: each run's once
+    per task). Initial weights travel through Ray's object store, not storage.
+    """
+    written = sum(m * weights.model + h * weights.head for m, h in files_per_trial)
+    written += sum(snapshots) * SNAPSHOT_WEIGHTS * weights.model
+    return written, read_files * weights.model
+
+
+def id_val_images(sizes: list[int], holdout: float) -> int:
+    """ID-val images of training domains of these sizes (``data.splits``: ``int(n * f)`` each)."""
+    return sum(int(n * holdout) for n in sizes)
+
+
+def reducer_cells(
+    config: ExperimentConfig,
+    cells: list[Cell],
+    domain_sizes: Callable[[str], list[int]],
+    targets: list[TargetSpec] | None = None,
+) -> list[tuple[Cell, list[tuple[str, str, str, bool]], list[int], list[int]]]:
+    """What the reducer sees of each cell before any trial runs: its runs ``(run id, arm, init
+    source, keeps a moving average)`` (``targets``, default a new sweep's), its ID-val images
+    per training domain and its OOD images (the held-out domain in full)."""
+    sizes = domain_sizes(config.data.dataset)
+    holdout = config.data.holdout_fraction
+    keeps_ma = ma_arms(config.target.moving_average)
+    by_cell: dict[str, list[tuple[str, str, str, bool]]] = {c.key: [] for c in cells}
+    for spec in target_specs(config, cells) if targets is None else targets:
+        by_cell[spec.cell.key].append(
+            (spec.run_id, spec.arm, spec.init_source, spec.arm in keeps_ma)
+        )
+    return [
+        (
+            cell,
+            by_cell[cell.key],
+            [int(n * holdout) for i, n in enumerate(sizes) if i != cell.test_env],
+            [sizes[cell.test_env]],
+        )
+        for cell in cells
+    ]
+
+
+def reducer_reads(config: ExperimentConfig, cells: list[Cell], targets: list[TargetSpec]) -> int:
+    """Weights files the reducer reads from storage: each run's (and its moving average's) once
+    in its cell's task, and its best weights once more in its test domain's uniform† task."""
+    keeps_ma = ma_arms(config.target.moving_average)
+    files = sum(1 + (s.arm in keeps_ma) for s in targets)
+    seeds: dict[str, set[int]] = {}
+    for cell in cells:
+        seeds.setdefault(cell.test_domain, set()).add(cell.split_seed)
+    if config.reduce.uniform_dagger:
+        files += sum(1 for s in targets if len(seeds[s.cell.test_domain]) > 1)
+    return files
 
 
 def plan_rows(
@@ -426,62 +560,79 @@ def plan_rows(
     cells: list[Cell],
     domain_sizes: Callable[[str], list[int]],
     rates: Rates,
+    reducer_images: int = 0,
+    weights: ModelBytes | None = None,
     *,
     targets: list[TargetSpec] | None = None,
-    done: Callable[[Any], bool] = lambda spec: False,
+    done: Callable[[Any], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Trials, training images and evaluated images per stage, and the GPU-hours they cost.
+    """Trials, training images, evaluated images, storage bytes per stage, and the GPU-hours.
 
     ``domain_sizes(dataset)`` gives the number of images of each domain. A training stage costs
     its steps x per-domain batch x training domains at the training rate, plus an ID-val pass
     (``holdout_fraction`` of its training domains) at every checkpoint. The probe costs one
     feature extraction over the target's ID-train split and one ID-val pass: its head steps
-    run on cached features (negligible). A target trial also predicts its test domain once at
-    the end. The reducer's soups are evaluated on ID-val and OOD per arm and cell: the greedy
-    soup n_runs - 1 times on ID-val, the uniform soup once, both once on OOD.
+    run on cached features (negligible). A target trial evaluates ID val at each checkpoint,
+    and once more for its moving average where it keeps one; it never reads its test domain.
+    ``reducer_images``: the images the reducer forward-passes, counted by running it
+    (:func:`ratatouille.reducer.dry_run.count_sweep`, which `ratatouille plan` calls).
+    ``weights``: the model's size, for the bytes written and read (:func:`storage_bytes`).
 
     A resume prices only what it would train: ``targets`` are the grown experiment's target
-    trials (default: a new sweep's), and a trial ``done`` says is kept is not counted.
+    trials (default: a new sweep's), and a trial ``done`` says is kept is not counted (the
+    reducer runs again over every run).
     """
     holdout = config.data.holdout_fraction
     sizes = domain_sizes(config.data.dataset)
 
-    def split(cell: Cell) -> tuple[int, int]:  # (images of the training domains, of the test one)
-        return sum(sizes) - sizes[cell.test_env], sizes[cell.test_env]
+    def stored(files: list[tuple[int, int]], seconds: list[float], read: int = 0):
+        if weights is None:
+            return None
+        return storage_bytes(files, weights, [snapshots_of(config, t) for t in seconds], read)
+
+    def seconds(train: list[int], evals: list[int]) -> list[float]:
+        return [t / rates.train + e / rates.eval for t, e in zip(train, evals)]
 
     rows = []
     pretrain = pretrain_spec(config)
+
+    def kept(spec: Any) -> bool:
+        return done is not None and done(spec)
+
     stages = (("pretrain", [pretrain] if pretrain else []), ("aux", aux_specs(config)))
     for stage, every in stages:
-        specs = [spec for spec in every if not done(spec)]
-        train = sum(s.steps * s.hparams.batch_size * len(domain_sizes(s.task)) for s in specs)
-        evals = sum(_evaluations_of(s) * round(holdout * sum(domain_sizes(s.task))) for s in specs)
+        specs = [spec for spec in every if not kept(spec)]
+        train = [s.steps * s.hparams.batch_size * len(domain_sizes(s.task)) for s in specs]
+        evals = [_evaluations_of(s) * round(holdout * sum(domain_sizes(s.task))) for s in specs]
         if stage == "aux" and config.aux.head_init == "probe":
             # one feature extraction over every domain of each auxiliary task; the head steps
             # run on the cached features (as the target's probe)
-            heads = [spec for spec in aux_probe_specs(config) if not done(spec)]
+            heads = [spec for spec in aux_probe_specs(config) if not kept(spec)]
             extract = sum(sum(domain_sizes(h.task)) for h in heads)
-            rows.append(_row("aux_probe", heads, 0, extract, rates))
+            heads_stored = stored([(0, 1)] * len(heads), [])
+            rows.append(plan_row("aux_probe", heads, 0, extract, rates, heads_stored))
         if stage == "aux" or specs:
-            rows.append(_row(stage, specs, train, evals, rates))
-    domains = len(sizes) - 1  # leave-one-domain-out
-    probes = [spec for spec in probe_specs(config, cells) if not done(spec)]
-    rows.append(_row("probe", probes, 0, sum(split(p.cell)[0] for p in probes), rates))
+            # a pool entry (featurizer and head), and its moving average where robust keeps one
+            files = [(1 + bool(getattr(s, "robust", False)), 0) for s in specs]
+            written = stored(files, seconds(train, evals))
+            rows.append(plan_row(stage, specs, sum(train), sum(evals), rates, written))
+    probes = [spec for spec in probe_specs(config, cells) if not kept(spec)]
+    extract = sum(sum(sizes) - sizes[p.cell.test_env] for p in probes)
+    rows.append(plan_row("probe", probes, 0, extract, rates, stored([(0, 1)] * len(probes), [])))
     every_target = target_specs(config, cells) if targets is None else targets
-    targets = [spec for spec in every_target if not done(spec)]
-    train = sum(s.steps * s.hparams.batch_size * domains for s in targets)
-    evals = sum(
-        evaluations(s.steps, s.checkpoint_freq) * round(holdout * split(s.cell)[0])
-        + split(s.cell)[1]
-        for s in targets
-    )
-    rows.append(_row("target", targets, train, evals, rates))
-    n_runs = config.target.n_runs
-    reduce_evals = sum(
-        len(config.target.arms) * (n_runs * round(holdout * split(c)[0]) + 2 * split(c)[1])
-        for c in cells
-    )
-    rows.append(_row("reduce", [], 0, reduce_evals, rates))
+    new_targets = [spec for spec in every_target if not kept(spec)]
+    keeps_ma = ma_arms(config.target.moving_average)
+    domains = len(sizes) - 1  # leave-one-domain-out
+    train = [s.steps * s.hparams.batch_size * domains for s in new_targets]
+    evals = []
+    for s in new_targets:
+        id_val = id_val_images([n for i, n in enumerate(sizes) if i != s.cell.test_env], holdout)
+        evals.append((evaluations(s.steps, s.checkpoint_freq) + (s.arm in keeps_ma)) * id_val)
+    written = stored([(1 + (s.arm in keeps_ma), 0) for s in new_targets], seconds(train, evals))
+    rows.append(plan_row("target", new_targets, sum(train), sum(evals), rates, written))
+    # the reducer writes each cell's final model (MLflow's artifact store) and reads the runs
+    read = stored([(len(cells), 0)], [], reducer_reads(config, cells, every_target))
+    rows.append(plan_row("reduce", [], 0, reducer_images, rates, read))
     return rows
 
 
@@ -551,20 +702,29 @@ def bench_throughput(
     return result, path
 
 
+def _gib(value: int | None) -> str:
+    return "?" if value is None else f"{value / 2**30:,.2f}"
+
+
 def format_plan(rows: list[dict[str, Any]], rates: Rates) -> str:
     lines = [
         f"{'stage':<10}{'trials':>8}{'trials x steps':>16}{'images':>14}{'eval images':>14}"
-        f"{'GPU-hours':>11}"
+        f"{'GPU-hours':>11}{'written GiB':>13}{'read GiB':>10}"
     ]
     for row in rows:
         lines.append(
             f"{row['stage']:<10}{row['trials']:>8}{row['steps']:>16,}"
             f"{row['images']:>14,}{row['eval_images']:>14,}{row['gpu_hours']:>11.2f}"
+            f"{_gib(row.get('written')):>13}{_gib(row.get('read')):>10}"
         )
     total = sum(row["gpu_hours"] for row in rows)
     lines.append(
         f"total {total:.2f} GPU-hours at {rates.train:g} training and {rates.eval:g} evaluation "
         f"images/s per trial, {rates.source}. The aux stage skips entries already in the pool; "
-        "the probe's head steps (on cached features) and the reducer's ablations are not counted."
+        "the probe's head steps (on cached features) are not counted. The reducer's images are "
+        "counted by running it on the sweep's shape (at most one OOD pass too many per greedy "
+        "soup). Storage: each trial's weights files written once, plus resumable snapshots "
+        "where resources.snapshot_every_s sets them; the reducer reads each run's weights "
+        "once per task (? = the model's size is unknown here)."
     )
     return "\n".join(lines)

@@ -13,7 +13,9 @@ from typing import Literal
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ratatouille.core.config import MergesConfig
+from ratatouille.core.arms import arms_where
+from ratatouille.core.config import MergesConfig, ReduceConfig
+from ratatouille.core.names import PRETRAINED
 from ratatouille.engine.models import Classifier
 from ratatouille.reducer.evaluate import Predict
 
@@ -80,3 +82,30 @@ class ReduceInputs:
     predict: Predict | None = None  # defaults to ratatouille.engine.train.predict_logits
     # ID-train split of each training domain: only Fisher averaging reads it (reduce.merges)
     id_train: list[Dataset] = field(default_factory=list)
+
+
+def settings_from_config(reduce: ReduceConfig, seed: int, device: str = "cpu") -> ReduceSettings:
+    """The reducer's settings of an experiment (its ``reduce`` section and seed): one place, so
+    `plan` counts the very reduction `ratatouille reduce` runs."""
+    return ReduceSettings(
+        wise_alpha=reduce.wise_alpha,
+        lmc_tolerance=reduce.lmc_tolerance,
+        ablation_draws=reduce.ablation_draws,
+        max_pairs=reduce.max_pairs,
+        final_model=reduce.final_model,
+        greedy_threshold=reduce.greedy_threshold,
+        merges=reduce.merges,
+        seed=seed,
+        device=device,
+    )
+
+
+def recycled_sources(arms: list[str], init_sources: list[str]) -> list[str]:
+    """Pool entries for Hypothesis 1, from the runs' (arm, init source) in order: those of the
+    first recycling arm of the registry that has runs, so a curve never joins a featurizer to
+    its own moving average."""
+    for arm in arms_where(lambda a: a.recycles):
+        names = sorted({s for a, s in zip(arms, init_sources) if a == arm} - {PRETRAINED})
+        if names:
+            return names
+    return []

@@ -90,6 +90,8 @@ class ReduceResult:
     # analysis frames of reducer.curves.lmc_pairs and reducer.ablations.mixing_ratio
     lmc: pandas.DataFrame = field(default_factory=pandas.DataFrame)  # per hypothesis/split/pair
     mixing: pandas.DataFrame = field(default_factory=pandas.DataFrame)  # per mu and draw
+    # forward-passed: id_val_images, ood_test_images, id_val_passes, ood_test_passes
+    evaluated: dict[str, int] = field(default_factory=dict)
 
 
 def _validate(inputs: ReduceInputs) -> None:
@@ -218,7 +220,13 @@ def reduce_cell(inputs: ReduceInputs) -> ReduceResult:
         )
     analysis = analyse(inputs, arms, ev, table)
     ev.close()
+    evaluated = {
+        f"{split}_{what}": counter[split]
+        for what, counter in (("images", ev.images_evaluated), ("passes", ev.passes))
+        for split in (ID_VAL, OOD_TEST)
+    }
     return ReduceResult(
+        evaluated=evaluated,
         table=table,
         final_model_state=final_state,
         final_strategy=final_strategy,
