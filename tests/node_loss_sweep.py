@@ -2,8 +2,8 @@
 
 The head has no CPU, so every trial runs on the worker. Trials snapshot on a time budget
 (resources.snapshot_every_s, here SNAPSHOT_EVERY_S) while evaluating every checkpoint_freq
-steps. As soon as a target trial has stored its second snapshot, the worker node is removed (as
-a preempted cloud node is) and a fresh one is added. Prints a JSON summary on its last line,
+steps. As soon as every target trial has stored its second snapshot, the worker node is removed
+(as a preempted cloud node is) and a fresh one is added. Prints a JSON summary on its last line,
 with every Tune report of every target trial (progress.csv), so the test can check from where
 each restarted trial resumed.
 """
@@ -28,6 +28,7 @@ from tiny import tiny_config
 NODE = {"object_store_memory": 150 * 1024**2}
 SNAPSHOT_EVERY_S = 0.3
 CHECKPOINT_FREQ = 5
+N_TARGETS = 2  # target.n_runs x one arm
 TUNE_COLUMNS = [
     "step",
     "checkpoint_dir_name",
@@ -38,13 +39,24 @@ TUNE_COLUMNS = [
 ]
 
 
+def _every_target_has_two_snapshots(target_dir: Path) -> bool:
+    """A trial's second snapshot on storage means the driver has long processed the report of
+    its first, so a restore has a known point to resume from. Waiting for one trial only (as
+    this once did) let a slow machine remove the node before the other trial's first snapshot,
+    which then restarted from step 0."""
+    trials = list(target_dir.glob("target_*"))
+    return len(trials) == N_TARGETS and all(
+        (trial / "checkpoint_000001" / "train_state.json").exists() for trial in trials
+    )
+
+
 def _replace_worker_when_targets_checkpointed(cluster, worker, target_dir: Path, log: dict):
-    """Once a target trial has stored its second snapshot, the worker node dies (as a
+    """Once every target trial has stored its second snapshot, the worker node dies (as a
     preempted node does) and, 2 s later, a fresh one joins. Progress goes to stderr, which
     the test shows when it fails."""
     deadline = time.time() + 300
     while time.time() < deadline:
-        if any(target_dir.glob("target_*/checkpoint_000001/train_state.json")):
+        if _every_target_has_two_snapshots(target_dir):
             print("removing the worker node", file=sys.stderr, flush=True)
             cluster.remove_node(worker)
             time.sleep(2)
@@ -65,7 +77,12 @@ def main(root: Path) -> dict:
         root,
         name="node-loss",
         aux={"tasks": []},
-        target={"arms": ["soups"], "n_runs": 2, "steps": 80, "checkpoint_freq": CHECKPOINT_FREQ},
+        target={
+            "arms": ["soups"],
+            "n_runs": N_TARGETS,
+            "steps": 80,
+            "checkpoint_freq": CHECKPOINT_FREQ,
+        },
         resources={"cpus_per_trial": 1, "max_failures": 3, "snapshot_every_s": SNAPSHOT_EVERY_S},
     )
     log: dict = {"lost_node": worker.node_id}
