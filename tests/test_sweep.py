@@ -353,22 +353,51 @@ def test_plan_prices_each_stage_at_what_it_costs(tmp_path):
     assert [evaluations(n, f) for n, f in ((12, 3), (12, 5), (400, 50), (1, 7))] == [5, 4, 9, 1]
 
 
+def test_plan_counts_the_snapshots_the_clock_takes_and_their_moving_average(tmp_path):
+    from ratatouille.recipe.sweep import ModelBytes, Rates, plan_rows, snapshots_of
+
+    def with_budget(every):
+        return tiny_config(tmp_path, resources={"snapshot_every_s": every})
+
+    # 11 checkpoint steps: a snapshot at each but the last, at most one per budget
+    assert snapshots_of(with_budget(0), 1e9, 11) == 10
+    assert snapshots_of(with_budget(30), 95.0, 11) == 3
+    assert snapshots_of(with_budget(1), 1e9, 11) == 10
+    assert snapshots_of(with_budget(None), 1e9, 11) == 0
+    assert snapshots_of(with_budget(0), 5.0, 1) == 0  # one checkpoint step: the closing one
+    config = tiny_config(
+        tmp_path, target={"moving_average": True}, resources={"snapshot_every_s": 0}
+    )
+    cells = experiment_cells(config)
+    rows = plan_rows(config, cells, _fake_sizes, Rates(1.0, 1.0, "x"), 0, ModelBytes(90, 10))
+    target = next(r for r in rows if r["stage"] == "target")
+    specs = target_specs(config, cells)
+    by_hand = sum(
+        100 * (1 + (s.arm == "soups"))  # the weights files, the moving average for soups
+        + 100 * (sweep.evaluations(s.steps, s.checkpoint_freq) - 1) * (4 + (s.arm == "soups"))
+        for s in specs
+    )
+    assert target["written"] == by_hand
+
+
 def test_plan_prices_storage_as_weights_files_written_once_and_read_once_per_task(tmp_path):
     from ratatouille.recipe.sweep import ModelBytes, Rates, plan_rows, storage_bytes
 
-    # two trials writing 1 and 2 whole-model files, 3 snapshots of 4 model-sized files, 5 reads
-    assert storage_bytes([(1, 0), (2, 0)], ModelBytes(100, 10), [3, 0], 5) == (
+    # two trials writing 1 and 2 whole-model files, 12 model-sized snapshot files, 5 reads
+    assert storage_bytes([(1, 0), (2, 0)], ModelBytes(100, 10), [3 * 4, 0], 5) == (
         110 + 220 + 3 * 4 * 110,
         5 * 110,
     )
     assert storage_bytes([(0, 1)] * 2, ModelBytes(100, 10), [], 0) == (20, 0)
-    config = tiny_config(tmp_path, target={"moving_average": True})
+    config = tiny_config(
+        tmp_path, target={"moving_average": True}, resources={"snapshot_every_s": None}
+    )
     cells = experiment_cells(config)
     rows = {
         r["stage"]: r
         for r in plan_rows(config, cells, _fake_sizes, Rates(1.0, 1.0, "x"), 0, ModelBytes(90, 10))
     }
-    # 9 target trials, the 3 soups runs also write their moving average; no snapshot field
+    # 9 target trials, the 3 soups runs also write their moving average; no snapshots
     assert rows["target"]["written"] == (9 + 3) * 100
     # the reducer reads those 12 files once (one split seed: no uniform† task), writes the
     # cell's final model

@@ -479,33 +479,44 @@ def model_bytes(config: ExperimentConfig) -> ModelBytes | None:
 
 
 #: A resumable snapshot of a trial, in model-sized files: the model, Adam's two moments and the
-#: best ID-val weights.
+#: best ID-val weights (plus the moving average where the trial keeps one: :func:`snapshot_files`).
 SNAPSHOT_WEIGHTS = 4
 
 
-def snapshots_of(config: ExperimentConfig, seconds: float) -> int:
-    """Resumable snapshots a trial of ``seconds`` writes: one per ``resources.snapshot_every_s``
-    when the config has that field, none otherwise (its weights files only)."""
+def snapshot_files(keeps_moving_average: bool) -> int:
+    """Model-sized files in one resumable snapshot of a trial (its train state)."""
+    return SNAPSHOT_WEIGHTS + bool(keeps_moving_average)
+
+
+def snapshots_of(config: ExperimentConfig, seconds: float, checkpoints: int) -> int:
+    """Resumable snapshots a trial of ``seconds`` with ``checkpoints`` checkpoint_freq steps
+    writes, as :class:`ratatouille.recipe.stages.SnapshotClock` takes them: at most one per
+    checkpoint step but the last (the closing report follows it), one per
+    ``resources.snapshot_every_s`` of its time, at every such step for 0, none for null."""
     every = getattr(config.resources, "snapshot_every_s", None)
-    return int(seconds // every) if every else 0
+    chances = max(checkpoints - 1, 0)
+    if every is None:
+        return 0
+    return chances if every == 0 else min(int(seconds // every), chances)
 
 
 def storage_bytes(
     files_per_trial: list[tuple[int, int]],
     weights: ModelBytes,
-    snapshots: list[int],
+    snapshot_files: list[int],
     read_files: int = 0,
 ) -> tuple[int, int]:
     """(bytes written, bytes read) by a stage on storage: `plan`'s byte model, in one place.
 
     ``files_per_trial``: per trial, the (whole-model, head-only) weights files it writes once
-    (its final weights: best ID-val, moving average, a pool entry, a head); ``snapshots``: per
-    trial, its resumable snapshots of :data:`SNAPSHOT_WEIGHTS` model-sized files each;
+    (its final weights: best ID-val, moving average, a pool entry, a head); ``snapshot_files``:
+    per trial, the model-sized files of its resumable snapshots (their number times
+    :func:`snapshot_files`);
     ``read_files``: whole-model weights files the stage reads (the reducer: each run's once
     per task). Initial weights travel through Ray's object store, not storage.
     """
     written = sum(m * weights.model + h * weights.head for m, h in files_per_trial)
-    written += sum(snapshots) * SNAPSHOT_WEIGHTS * weights.model
+    written += sum(snapshot_files) * weights.model
     return written, read_files * weights.model
 
 
@@ -585,10 +596,20 @@ def plan_rows(
     holdout = config.data.holdout_fraction
     sizes = domain_sizes(config.data.dataset)
 
-    def stored(files: list[tuple[int, int]], seconds: list[float], read: int = 0):
+    def stored(
+        files: list[tuple[int, int]],
+        seconds: list[float],
+        read: int = 0,
+        checkpoints: list[int] | None = None,
+    ):
+        """``files[i][0] > 1``: trial i keeps a moving average, in its snapshots too."""
         if weights is None:
             return None
-        return storage_bytes(files, weights, [snapshots_of(config, t) for t in seconds], read)
+        snapshots = [
+            snapshots_of(config, t, c) * snapshot_files(f[0] > 1)
+            for t, c, f in zip(seconds, checkpoints or [], files)
+        ]
+        return storage_bytes(files, weights, snapshots, read)
 
     def seconds(train: list[int], evals: list[int]) -> list[float]:
         return [t / rates.train + e / rates.eval for t, e in zip(train, evals)]
@@ -614,7 +635,8 @@ def plan_rows(
         if stage == "aux" or specs:
             # a pool entry (featurizer and head), and its moving average where robust keeps one
             files = [(1 + bool(getattr(s, "robust", False)), 0) for s in specs]
-            written = stored(files, seconds(train, evals))
+            chances = [evaluations(s.steps, s.checkpoint_freq) for s in specs]
+            written = stored(files, seconds(train, evals), checkpoints=chances)
             rows.append(plan_row(stage, specs, sum(train), sum(evals), rates, written))
     probes = [spec for spec in probe_specs(config, cells) if not kept(spec)]
     extract = sum(sum(sizes) - sizes[p.cell.test_env] for p in probes)
@@ -628,7 +650,9 @@ def plan_rows(
     for s in new_targets:
         id_val = id_val_images([n for i, n in enumerate(sizes) if i != s.cell.test_env], holdout)
         evals.append((evaluations(s.steps, s.checkpoint_freq) + (s.arm in keeps_ma)) * id_val)
-    written = stored([(1 + (s.arm in keeps_ma), 0) for s in new_targets], seconds(train, evals))
+    chances = [evaluations(s.steps, s.checkpoint_freq) for s in new_targets]
+    files = [(1 + (s.arm in keeps_ma), 0) for s in new_targets]
+    written = stored(files, seconds(train, evals), checkpoints=chances)
     rows.append(plan_row("target", new_targets, sum(train), sum(evals), rates, written))
     # the reducer writes each cell's final model (MLflow's artifact store) and reads the runs
     read = stored([(len(cells), 0)], [], reducer_reads(config, cells, every_target))
