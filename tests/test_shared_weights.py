@@ -3,6 +3,7 @@ the ones it starts from, nothing else of the pool."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -93,9 +94,10 @@ def _expected_featurizers(spec) -> set[str]:
 
 
 def test_each_tune_trial_fetches_only_phi_pt_its_init_and_its_cell_head(
-    ray_session, sweep, tmp_path
+    ray_session, sweep, tmp_path, monkeypatch
 ):
     import ray.cloudpickle
+    from ray.tune.execution.tune_controller import TuneController
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root, config, cells, featurizers, heads = sweep
@@ -114,11 +116,27 @@ def test_each_tune_trial_fetches_only_phi_pt_its_init_and_its_cell_head(
     tracker = Tracker(config.name, config.tracking.mlflow_uri)
     run_dir = str(root / "ray_results" / "shared")
     tracker.start_parent(run_dir, config.model_dump(mode="json"))
+    # the period between the driver's uploads of the experiment state, as the controller set it
+    periods = []
+    make_manager = TuneController._create_checkpoint_manager
+
+    def spied(controller):
+        manager = make_manager(controller)
+        periods.append((manager.auto_checkpoint_enabled, manager._checkpoint_period))
+        return manager
+
+    monkeypatch.setattr(TuneController, "_create_checkpoint_manager", spied)
+    env_before = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
     try:
         outcomes = StageRunner(config, run_dir, tracker).run(Stage.TARGET, specs, context)
     finally:
         tracker.finish_parent()
     assert len(outcomes) == 3
+    # resources.experiment_sync_s (300 s by default), not Tune's auto period of 10 s or more;
+    # the environment is as it was once the stage is over
+    assert config.resources.experiment_sync_s == 300.0
+    assert periods == [(False, 300.0)]
+    assert os.environ.get("TUNE_GLOBAL_CHECKPOINT_S") == env_before
     name_of = {ref.hex(): name for name, ref in shared_f.refs.items()}
     head_of = {ref.hex(): name for name, ref in shared_h.refs.items()}
     fetched: dict[str, list[str]] = {}

@@ -352,6 +352,16 @@ class ResourcesConfig(_Section):
         "step; null = never (a lost trial restarts from step 0). Evaluation keeps its own "
         "schedule; the weights the reducer and the pool read are written once, at the end",
     )
+    experiment_sync_s: float | None = Field(
+        300.0,
+        gt=0.0,
+        description="seconds between the driver's uploads of Tune's experiment state (every "
+        "trial's status, result.json, progress.csv, params) to storage; null = Tune's 'auto' "
+        "(at least every 10 s: every trial's growing results re-uploaded that often, which "
+        "slows the trials' checkpoints on S3: bench P15). Every stage's end still uploads it; "
+        "only a driver killed outright resumes from a state up to this old (each trial from "
+        "the snapshot it names)",
+    )
     images_per_second: float = Field(
         400.0,
         gt=0.0,

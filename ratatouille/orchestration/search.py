@@ -49,6 +49,8 @@ TUNE_QUIET = {
     # one shows the whole spec as one column and ignores parameter_columns.
     "RAY_AIR_NEW_OUTPUT": "0",
 }
+#: Tune's period between uploads of the experiment state (resources.experiment_sync_s).
+EXPERIMENT_SYNC_ENV = "TUNE_GLOBAL_CHECKPOINT_S"
 #: Columns of Tune's progress table: a trial's readable fields, then its progress.
 PARAMETER_COLUMNS = {
     "spec/arm": "arm",
@@ -618,6 +620,22 @@ class StageRunner:
             ),
         )
 
+    @contextlib.contextmanager
+    def _experiment_sync_period(self) -> Iterator[None]:
+        """Tune's controller reads its experiment-state period from the environment when a
+        fit starts (tune/execution/tune_controller.py); set it for this stage's fits only."""
+        period = self.config.resources.experiment_sync_s
+        saved = os.environ.get(EXPERIMENT_SYNC_ENV)
+        if period is not None:
+            os.environ[EXPERIMENT_SYNC_ENV] = f"{period:g}"
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(EXPERIMENT_SYNC_ENV, None)
+            else:
+                os.environ[EXPERIMENT_SYNC_ENV] = saved
+
     def run(
         self, stage: Stage, specs: list[TrialSpec], context: TrialContext
     ) -> list[TrialOutcome]:
@@ -629,10 +647,11 @@ class StageRunner:
         if not specs:
             return []
         trainable = self._trainable(context)
-        if not (self.resume or self.restore_only):
-            results = _listed(self._new_tuner(stage, specs, trainable, str(stage)).fit())
-        else:
-            results = self._restored(stage, specs, trainable)
+        with self._experiment_sync_period():
+            if not (self.resume or self.restore_only):
+                results = _listed(self._new_tuner(stage, specs, trainable, str(stage)).fit())
+            else:
+                results = self._restored(stage, specs, trainable)
         self.tracker.flush()  # the stage's trial records are in the store before it ends
         wanted = {spec.key for spec in specs}
         results = [r for r in results if spec_from_plain(r.config["spec"]).key in wanted]
