@@ -107,6 +107,18 @@ def test_pairwise_diversity_agrees_with_the_scalar_measure_for_every_pair(measur
     np.testing.assert_allclose(matrix, expected, rtol=1e-12, atol=1e-15)
 
 
+def test_pairwise_counts_in_blocks_equal_the_scalar_route(monkeypatch):
+    from ratatouille.merging import diversity
+
+    y, preds = random_pool()
+    assert len(y) > 7  # several blocks of 7 samples, the last one partial
+    monkeypatch.setattr(diversity, "PAIR_COUNT_CHUNK", 7)
+    matrix = pairwise_diversity(y, preds, measure="q")
+    m = len(preds)
+    expected = np.array([[q_statistic(y, preds[i], preds[j]) for j in range(m)] for i in range(m)])
+    np.testing.assert_allclose(matrix, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_pairwise_diversity_diagonal_is_zero_diversity():
     y, preds = random_pool(seed=3)
     np.testing.assert_array_equal(np.diag(pairwise_diversity(y, preds, "q")), 1.0)

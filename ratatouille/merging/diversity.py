@@ -100,19 +100,29 @@ def correctness(y_true: object, preds: object) -> np.ndarray:
     return p == y[None, :]
 
 
+#: Samples per float64 block of :func:`pairwise_counts`.
+PAIR_COUNT_CHUNK = 1 << 16
+
+
 def pairwise_counts(correct: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(N11, N10, N01, N00)`` for all pairs, each ``(M, M)`` float64, from one matmul.
 
     ``N11 = C C^T``; the others follow from the per-model right counts ``r``:
     ``N10[i, j] = r_i - N11``, ``N01 = r_j - N11``, ``N00 = N - r_i - r_j + N11``.
-    float64 keeps the counts exact up to 2**53 samples.
+    float64 keeps the counts exact up to 2**53 samples; the samples are taken
+    ``PAIR_COUNT_CHUNK`` at a time, so the float64 copy is bounded whatever N (a reducer task
+    on DomainNet's 172k OOD images would otherwise hold 8 bytes per run and image more).
     """
-    c = np.asarray(correct, dtype=np.float64)
-    n11 = c @ c.T
-    right = c.sum(axis=1)
+    correct = np.asarray(correct)
+    m, n = correct.shape
+    n11, right = np.zeros((m, m)), np.zeros(m)
+    for start in range(0, n, PAIR_COUNT_CHUNK):
+        c = correct[:, start : start + PAIR_COUNT_CHUNK].astype(np.float64)
+        n11 += c @ c.T
+        right += c.sum(axis=1)
     n10 = right[:, None] - n11
     n01 = right[None, :] - n11
-    n00 = c.shape[1] - right[:, None] - right[None, :] + n11
+    n00 = n - right[:, None] - right[None, :] + n11
     return n11, n10, n01, n00
 
 

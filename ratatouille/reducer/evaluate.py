@@ -239,7 +239,7 @@ class Evaluator:
 
         def write(index: int, logits: np.ndarray) -> None:
             with open(f"{stem}-{index}.f32", "ab") as out:
-                out.write(np.ascontiguousarray(logits).tobytes())
+                np.ascontiguousarray(logits).tofile(out)  # no third copy, as tobytes made
             rows_classes = shapes.setdefault(index, [0, logits.shape[1]])
             rows_classes[0] += len(logits)
 
@@ -305,13 +305,14 @@ def reducer_memory_bytes(
     """The RAM a reducer task reserves (Ray's ``memory=``), bytes:
 
     ``REDUCER_BASE_BYTES + 8 * weights_bytes + 2 * CHUNK_IMAGES * num_classes * 4
-    + eval_images * (2 * n_states + 8)``
+    + eval_images * (5 * n_states + 8)``
 
     8 networks alive at once at most (the evaluator's model, a streaming soup's float32
     accumulator and its current input, three interpolation endpoints, the parked final model,
     one spare); one chunk's float32 logits and an ensemble's running sum; per image of ID val
-    and OOD test, each run's and moving-average view's predicted label (int16, ``n_states``)
-    and the label (int64). The runs' logits are on local disk, not in this sum.
+    and OOD test, each run's and moving-average view's predicted label (int16, ``n_states``),
+    the q-diversity's stacked copy of them (int16) and their correctness (bool), and the label
+    (int64). The runs' logits are on local disk, not in this sum.
     """
     chunk = 2 * CHUNK_IMAGES * num_classes * 4
-    return REDUCER_BASE_BYTES + 8 * weights_bytes + chunk + eval_images * (2 * n_states + 8)
+    return REDUCER_BASE_BYTES + 8 * weights_bytes + chunk + eval_images * (5 * n_states + 8)
