@@ -37,7 +37,7 @@ test: $(VENV)/.installed-test $(TOOLS)/.unpacked
 	@$(BIN)/python tests/system_tools.py check $(TOOLS)
 	$(BIN)/python -m pytest
 
-# Every speed and memory figure (P1..P12 of docs/performance.md), each against its baseline
+# Every speed and memory figure (P1..P17 of docs/performance.md), each against its baseline
 # in one run, with the machine; under 15 minutes on 2 cores. Not part of `make test`.
 # `make bench-cuda` runs only the CUDA figures (on a GPU machine). Both rewrite their section of
 # docs/performance.md and keep a copy in benchmarks/results*.txt.

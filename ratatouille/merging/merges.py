@@ -272,11 +272,13 @@ def _agreeing_magnitudes(
     trim, clipping ``tau * sign`` below the trim's threshold trims and clips at once."""
     if isinstance(sparsify, MagnitudeTrim) and sparsify.density < 1.0 and tau.numel():
         below = sparsify.below_threshold(index, key, tau)
-        return F.threshold_(tau.mul(signs), below, 0.0)  # tau * sign > below: |tau| >= kth
+        return F.threshold(
+            tau.mul(signs), below, 0.0, inplace=True
+        )  # tau * sign > below: |tau| >= kth
     kept = sparsify(index, key, tau)
     # a RandomDrop's output is its own; any other may be tau (the run's buffer) or a view of it
     signed = kept.mul_(signs) if isinstance(sparsify, RandomDrop) else kept * signs
-    return F.threshold_(signed, 0.0, 0.0)
+    return F.threshold(signed, 0.0, 0.0, inplace=True)
 
 
 @dataclass
