@@ -28,6 +28,10 @@ from tiny import tiny_config
 NODE = {"object_store_memory": 150 * 1024**2}
 SNAPSHOT_EVERY_S = 0.3
 CHECKPOINT_FREQ = 5
+# long enough (about 7 s of training each on 2 cores) that neither trial can finish before the
+# other has stored its second snapshot, whatever the skew of their actors' start (at 80 steps,
+# 2 s each, one trial once finished on the old node before the removal)
+STEPS = 300
 N_TARGETS = 2  # target.n_runs x one arm
 TUNE_COLUMNS = [
     "step",
@@ -80,7 +84,7 @@ def main(root: Path) -> dict:
         target={
             "arms": ["soups"],
             "n_runs": N_TARGETS,
-            "steps": 80,
+            "steps": STEPS,
             "checkpoint_freq": CHECKPOINT_FREQ,
         },
         resources={"cpus_per_trial": 1, "max_failures": 3, "snapshot_every_s": SNAPSHOT_EVERY_S},
@@ -126,6 +130,7 @@ def main(root: Path) -> dict:
         "tune_rows": rows,
         "snapshot_every_s": SNAPSHOT_EVERY_S,
         "checkpoint_freq": CHECKPOINT_FREQ,
+        "steps": STEPS,
         "table": outcome.table_markdown,
     }
     ray.shutdown()

@@ -102,8 +102,9 @@ def test_reporting_launches_one_dagger_task_per_domain_and_logs_its_rows(tmp_pat
     )
     dagger = reporting._collect_daggers(reporting._launch_daggers(config, cells, by_cell, state))
     images = sum(domain_sizes_of(config.seed)(config.data.dataset))
-    # 1 GiB + 8 networks of 4,060 bytes + two chunks of 3-class logits + 2 runs' predictions
-    assert asked == [2**30 + 8 * 4060 + 2 * 4096 * 3 * 4 + images * (2 * 2 + 8)]
+    # 1 GiB + 8 networks of 4,060 bytes + two chunks of 3-class logits + per image, 2 runs'
+    # predictions (int16), their stacked copy (int16) and correctness (bool), and the label
+    assert asked == [2**30 + 8 * 4060 + 2 * 4096 * 3 * 4 + images * (2 * (2 + 2 + 1) + 8)]
     assert list(dagger.strategy) == ["soup_uniform_dagger"] and dagger.n_models[0] == 2
     off = config.model_copy(
         update={"reduce": config.reduce.model_copy(update={"uniform_dagger": False})}
