@@ -18,38 +18,15 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from loopback_s3 import AWS_PROFILE_VARIABLES, free_port, start_moto
 
 FIGURES = {"P14": "cpu"}
 GOAL = 1.1
 BUCKET = "ratatouille-bench"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _moto(port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return server
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("moto server did not start")
 
 
 def _counting_fs(inner):
@@ -178,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="(one size: already quick)")
     parser.parse_args(argv)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+    for name in AWS_PROFILE_VARIABLES:
         os.environ.pop(name, None)
-    port = _free_port()
-    server = _moto(port)
+    port = free_port()
+    server = start_moto(port)
     try:
         print(p14(port), flush=True)
     finally:

@@ -34,11 +34,7 @@ import argparse
 import contextlib
 import io
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,53 +42,14 @@ from typing import Any
 
 import yaml
 
+from loopback_s3 import free_port, point_aws_at, start_moto
+
 FIGURES = {"P13": "cpu"}  # benchmarks/run.py: the figure printed here
 BUCKET = "ratatouille-bench"
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 WEIGHTS_FILES = ("model.safetensors", "model_ma.safetensors")
 TRAIN_STATE_FILES = ("train_state.safetensors", "train_state.json")
 QUICK_BATCH = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _moto(port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return server
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("moto server did not start")
-
-
-def _s3_environment(port: int) -> None:
-    """Every ``s3://`` URI, in the driver and in the Ray workers it starts, at the loopback
-    server (the standard AWS variables, as tests/test_pool_s3.py sets them)."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "RAY_ADDRESS"):
-        os.environ.pop(name, None)
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
-        }
-    )
 
 
 def _bucket(port: int) -> Any:
@@ -287,9 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick and args.batch_size is None:
         args.batch_size = QUICK_BATCH
-    port = _free_port()
-    _s3_environment(port)  # before Ray starts: its workers inherit the environment
-    server = _moto(port)
+    port = free_port()
+    point_aws_at(port)  # before Ray starts: its workers inherit the environment
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.update(
+        {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true"}
+    )
+    server = start_moto(port)
     import ray
 
     # Ray's session files (Tune's staging of the trial's logs among them) in a folder of ours

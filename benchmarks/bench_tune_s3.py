@@ -41,9 +41,7 @@ import io
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from loopback_s3 import free_port, point_aws_at, start_moto
 
 FIGURES = {"P15": "cpu"}  # benchmarks/run.py: the figures this script prints
 GOAL = 1.2
@@ -60,46 +60,6 @@ BUCKET = "ratatouille-bench"
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 BARRIER_TIMEOUT_S = 240.0
 REQUEST = re.compile(r'"(?:GET|PUT|POST|HEAD|DELETE) (\S+)')  # moto's access log
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _moto(port: int, log: Any) -> subprocess.Popen[bytes]:
-    """moto's S3 server on 127.0.0.1, its request log (one line per request) to ``log``."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return server
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("moto server did not start")
-
-
-def _s3_environment(port: int) -> None:
-    """Every ``s3://`` URI, in the driver and in the Ray workers it starts, at the loopback
-    server (the standard AWS variables, as tests/test_pool_s3.py sets them)."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
-        os.environ.pop(name, None)
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
 
 
 def sweep_config(storage: str, experiment_sync_s: float | None) -> Any:
@@ -297,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for key, value in TUNE_QUIET.items():
         os.environ.setdefault(key, value)
-    port = _free_port()
-    _s3_environment(port)  # before Ray starts: its workers inherit the environment
+    port = free_port()
+    point_aws_at(port)  # before Ray starts: its workers inherit the environment
     import pyarrow.fs as pafs
     import ray
 
@@ -306,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tune-s3-") as root:
         log = Path(root, "moto.log")
         with open(log, "wb") as handle:
-            server = _moto(port, handle)
+            server = start_moto(port, handle)
         try:
             pafs.S3FileSystem(
                 endpoint_override=f"127.0.0.1:{port}",
