@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ratatouille.core.names import FUSING, PRETRAINED, Stage
+from ratatouille.engine.fisher import diagonal_fisher
 from ratatouille.engine.models import build_classifier, create_featurizer
 from ratatouille.orchestration import reporting
 from ratatouille.orchestration.search import SharedWeights, StageRunner, share_weights
@@ -200,3 +201,23 @@ def test_shared_weights_answer_membership_without_fetching(ray_session):
     assert "a" in weights and "b" not in weights and list(weights) == ["a"]
     assert len(weights.only(["a"])) == 1 and fetched == []
     assert weights["a"]["w"].item() == 1.0 and len(fetched) == 1
+
+
+def test_the_reducers_fisher_reads_the_id_train_images_without_augmentation(sweep):
+    """Fisher averaging's estimate is a pure function of the runs: on the training transform's
+    fresh random augmentation per read it differed between two reductions of one sweep."""
+    _, config, cells, featurizers, heads = sweep
+    assert config.data.augment
+    dataset, inputs = reporting.cell_reduce_inputs(config, cells[0], [], featurizers, heads)
+    splits = context_for(config).cell_splits(dataset, cells[0])
+    assert [list(v.indices) for v in inputs.id_train] == [list(t.indices) for t in splits.train]
+    model = inputs.build_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def two_fishers(datasets):
+        return [diagonal_fisher(model, state, datasets, n_batches=1, batch_size=8) for _ in "ab"]
+
+    first, second = two_fishers(inputs.id_train)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    first, second = two_fishers(splits.train)  # the training transform: not reproducible
+    assert not all(torch.equal(first[k], second[k]) for k in first)

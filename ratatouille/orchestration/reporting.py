@@ -20,6 +20,7 @@ from ratatouille.core.names import PRETRAINED, MetricKey, WeightsFile
 from ratatouille.data import MultiDomainDataset, TaskSplits
 from ratatouille.data.identity import input_record
 from ratatouille.engine.models import Classifier, build_classifier, join_state
+from ratatouille.engine.probe import eval_train_views
 from ratatouille.engine.train import predict_logits
 from ratatouille.orchestration.search import (
     SweepIncomplete,
@@ -168,14 +169,31 @@ def _reduce_one_cell(
     featurizers: Mapping[str, StateDict],
     heads: Mapping[str, StateDict],
 ) -> CellReduction:
+    dataset, inputs = cell_reduce_inputs(config, cell, runs, featurizers, heads)
+    example = inputs.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
+    return CellReduction(
+        reduce_cell(inputs), _cell_inputs(config, dataset, cell), example, inputs.settings.device
+    )
+
+
+def cell_reduce_inputs(
+    config: ExperimentConfig,
+    cell: Cell,
+    runs: list[TargetRun],
+    featurizers: Mapping[str, StateDict],
+    heads: Mapping[str, StateDict],
+) -> tuple[MultiDomainDataset, ReduceInputs]:
+    """The dataset and the reducer's inputs of one cell. The ID-train split that Fisher
+    averaging reads is under the evaluation transform: the training one draws a new random
+    augmentation per read, and the Fisher (so the merged model) would differ from one
+    reduction of the same sweep to the next."""
     context, dataset, splits, build = _cell_data(config, cell)
-    example = splits.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
     phi_pt, w_lp = featurizers[PRETRAINED], heads[cell.key]
     pool_loaders: dict[str, Callable[[], StateDict]] = {
         name: functools.partial(_copy_of, featurizers, name) for name in _recycled_sources(runs)
     }
     settings = settings_from_config(config.reduce, config.seed, context.device())
-    inputs = ReduceInputs(
+    return dataset, ReduceInputs(
         test_domain=cell.test_domain,
         split_seed=cell.split_seed,
         runs=runs,
@@ -187,10 +205,7 @@ def _reduce_one_cell(
         pool_featurizers=pool_loaders,
         settings=settings,
         predict=_predict(config),
-        id_train=splits.train,
-    )
-    return CellReduction(
-        reduce_cell(inputs), _cell_inputs(config, dataset, cell), example, settings.device
+        id_train=eval_train_views(dataset, splits),
     )
 
 

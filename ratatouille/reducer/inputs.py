@@ -80,7 +80,8 @@ class ReduceInputs:
     pool_featurizers: dict[str, Callable[[], dict[str, Tensor]]]  # name -> phi_aux loader
     settings: ReduceSettings = field(default_factory=ReduceSettings)
     predict: Predict | None = None  # defaults to ratatouille.engine.train.predict_logits
-    # ID-train split of each training domain: only Fisher averaging reads it (reduce.merges)
+    # ID-train split of each training domain, evaluation transform (a random augmentation
+    # would make the estimate differ run to run): only Fisher averaging reads it
     id_train: list[Dataset] = field(default_factory=list)
 
 
