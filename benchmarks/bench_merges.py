@@ -2,7 +2,7 @@
 
 The M files are safetensors featurizer states of one architecture (ResNet-50 by default, random
 weights), ``theta_0`` one more such file, read with ``safetensors.torch.load_file`` as the
-reducer reads trial checkpoints. For each merge (task arithmetic, TIES with two passes, DARE
+reducer reads trial checkpoints. For each merge (task arithmetic, TIES in one pass, DARE
 then averaging, Model Stock, Fisher averaging with a stand-in Fisher ``|theta|`` computed per
 run, since estimating one needs data and is not what is measured here):
 
@@ -11,7 +11,7 @@ run, since estimating one needs data and is not what is measured here):
   and ``theta_0``'s read), as P3 measures the uniform soup. Goal <= 1.15x: memory independent
   of M. Linux only.
 - time at M = 40 vs the time to only read the bytes of the same M files once (page cache warm),
-  in one process. Goal <= 3x (TIES reads every file twice).
+  in one process. Goal <= 3x (set when TIES read every file twice; it now reads each once).
 
     python benchmarks/bench_merges.py [--quick] [--arch resnet50] [--models 40]
 """

@@ -78,7 +78,7 @@ def test_ties_trims_elects_signs_and_averages_only_the_agreeing_entries():
     expected = torch.tensor([2.5, 2.0, -3.0, 2.0])
     torch.testing.assert_close(merge.merge(0.5, 1.0)["w"], BASE["w"] + expected)
     torch.testing.assert_close(merge.merge(0.5, 0.4)["w"], BASE["w"] + 0.4 * expected)
-    assert calls == [2, 2, 2]  # two passes, each run read twice
+    assert calls == [1, 1, 1]  # one pass: each run read once
 
 
 def test_sign_election_resolves_a_zero_sum_to_the_tensors_majority_sign():

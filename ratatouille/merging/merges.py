@@ -5,8 +5,7 @@ Pure torch: no Ray, no MLflow, no data. Every method starts from a shared ancest
 ``i`` is ``tau_i = theta_i - theta_0``, tensor by tensor. The runs come as **loaders**
 (callables returning a state dict, e.g. a checkpoint read from disk) and are streamed: a method
 holds ``theta_0``, its accumulators and the run being read, never the M runs, so its peak
-memory does not grow with M (bench P17). Each loader is called once, twice for TIES (one
-pass for the sign election, one for the agreeing mean).
+memory does not grow with M (bench P17). Each loader is called once.
 
 Rules shared with :mod:`ratatouille.merging.soups`: floating tensors are combined in float32
 (or wider) and cast back to their dtype at the end; non-floating tensors (``num_batches_tracked``)
@@ -33,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +99,18 @@ class _Ancestor:
         return out
 
 
+_pools: dict[int, ThreadPoolExecutor] = {}  # by thread count, which torch's setting may change
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """Threads for TIES's selections, as many as torch's: numpy's partition releases the GIL,
+    but runs each call on one core."""
+    threads = torch.get_num_threads()
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, "merges")
+    return _pools[threads]
+
+
 def _check_loaders(loaders: Sequence[Loader]) -> None:
     if not loaders:
         raise ValueError("a merge needs at least one run; pass one loader per run")
@@ -112,11 +124,12 @@ class MagnitudeTrim:
     """TIES's trim: keep the ``k = ceil(density * n)`` largest magnitudes of each tensor's
     ``tau``; entries tied with the k-th largest magnitude are all kept (so ties may keep more
     than k), as the reference code's ``|tau| >= kth value``. Per tensor, as mergekit (the
-    reference thresholds the whole flattened model). The thresholds of the first pass are
-    remembered, so the second pass trims identically without selecting again."""
+    reference thresholds the whole flattened model). The current run's k-th magnitudes are
+    kept, selected on demand or all at once by :meth:`prepare`."""
 
     density: float
-    thresholds: dict[tuple[int, str], float] = field(default_factory=dict)
+    _run: int = field(default=-1, repr=False)
+    _kth: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.density <= 1.0:
@@ -129,12 +142,25 @@ class MagnitudeTrim:
         # several times faster than where(abs >= kth) on the CPU
         return F.hardshrink(tau, self.below_threshold(index, key, tau))
 
+    def prepare(self, index: int, taus: Sequence[tuple[str, Tensor]]) -> None:
+        """Select the k-th magnitudes of every tensor of run ``index`` at once, on torch's
+        number of threads: the selection is numpy's, one thread per call (bench P17)."""
+        if self.density >= 1.0:
+            return
+        pending = [(key, tau) for key, tau in taus if tau.numel()]
+        selected = _thread_pool().map(
+            lambda item: kth_largest_magnitude(item[1], self.density), pending
+        )
+        self._run, self._kth = index, dict(zip([key for key, _ in pending], selected))
+
     def below_threshold(self, index: int, key: str, tau: Tensor) -> float:
-        """The float of ``tau``'s dtype just below its k-th largest magnitude (selected on the
-        first call for ``(index, key)``): ``|x| > it`` is ``|x| >= kth`` in that dtype."""
-        if (index, key) not in self.thresholds:
-            self.thresholds[(index, key)] = kth_largest_magnitude(tau, self.density)
-        kth = np.array(self.thresholds[(index, key)], _numpy_dtype(tau))
+        """The float of ``tau``'s dtype just below its k-th largest magnitude: ``|x| > it``
+        is ``|x| >= kth`` in that dtype."""
+        if index != self._run:
+            self._run, self._kth = index, {}
+        if key not in self._kth:
+            self._kth[key] = kth_largest_magnitude(tau, self.density)
+        kth = np.array(self._kth[key], _numpy_dtype(tau))
         return float(np.nextafter(kth, kth.dtype.type(0)))
 
 
@@ -145,7 +171,7 @@ def _numpy_dtype(tensor: Tensor) -> np.dtype:
 def kth_largest_magnitude(tau: Tensor, density: float) -> float:
     """The ``k = ceil(density * n)``-th largest ``|tau|``, by numpy's introselect (a partial
     partition; several times faster on the CPU than torch's top-k or kthvalue)."""
-    magnitudes = tau.detach().abs().reshape(-1).cpu().numpy()
+    magnitudes = np.abs(tau.detach().reshape(-1).cpu().numpy())  # numpy's: no torch threads
     at = magnitudes.size - math.ceil(density * magnitudes.size)
     magnitudes.partition(at)
     return float(magnitudes[at])
@@ -250,7 +276,7 @@ def dare(
     return task_vector_sums(base, loaders, {p: RandomDrop(p, seed) for p in rates})
 
 
-# -- TIES: two passes ------------------------------------------------------------------------
+# -- TIES: one pass ----------------------------------------------------------------------------
 
 
 def elect_signs(total: Tensor) -> Tensor:
@@ -263,22 +289,39 @@ def elect_signs(total: Tensor) -> Tensor:
     return torch.where(signs == 0, majority, signs)
 
 
-def _agreeing_magnitudes(
-    sparsify: Sparsifier, index: int, key: str, tau: Tensor, signs: Tensor
-) -> Tensor:
-    """``|kept|`` where the sparsified ``tau`` agrees with the elected sign, else 0: ``kept *
-    sign`` is ``|kept|`` where they agree, < 0 where they disagree, 0 where an entry was
-    trimmed or dropped, so clipping it at 0 leaves the agreeing magnitudes. For a magnitude
-    trim, clipping ``tau * sign`` below the trim's threshold trims and clips at once."""
-    if isinstance(sparsify, MagnitudeTrim) and sparsify.density < 1.0 and tau.numel():
-        below = sparsify.below_threshold(index, key, tau)
-        return F.threshold(
-            tau.mul(signs), below, 0.0, inplace=True
-        )  # tau * sign > below: |tau| >= kth
-    kept = sparsify(index, key, tau)
-    # a RandomDrop's output is its own; any other may be tau (the run's buffer) or a view of it
-    signed = kept.mul_(signs) if isinstance(sparsify, RandomDrop) else kept * signs
-    return F.threshold(signed, 0.0, 0.0, inplace=True)
+@dataclass
+class _SignedSums:
+    """Over the runs so far, per entry: the sum of the kept entries, of their magnitudes, of
+    their signs and their count. The sums of the positive and of the negative entries follow
+    (``(magnitude +- total) / 2``), so TIES needs one read per run, not a second pass."""
+
+    total: Tensor
+    magnitude: Tensor
+    sign_total: Tensor
+    nonzero: Tensor
+
+    @classmethod
+    def like(cls, tensor: Tensor) -> _SignedSums:
+        return cls(*(torch.zeros_like(tensor) for _ in range(4)))
+
+    def add(self, kept: Tensor, signs: Tensor) -> None:
+        """Add one run's kept entries; ``signs`` is a scratch buffer of their shape."""
+        torch.sign(kept, out=signs)
+        self.total.add_(kept)
+        self.magnitude.addcmul_(kept, signs)  # |kept|
+        self.sign_total.add_(signs)
+        self.nonzero.addcmul_(signs, signs)  # 1 where kept
+
+    def agreeing_mean(self) -> Tensor:
+        """TIES step 3: per entry, the mean of the kept entries whose sign is the elected one
+        (:func:`elect_signs` of the total), 0 where none is. Consumes the sums."""
+        elected = elect_signs(self.total)
+        positive = torch.add(self.magnitude, self.total).div_(2)
+        negative = self.magnitude.sub_(self.total).div_(2)  # |sum of the negative entries|
+        n_positive = torch.add(self.nonzero, self.sign_total).div_(2)
+        n_negative = self.nonzero.sub_(self.sign_total).div_(2)
+        mean = torch.where(elected > 0, positive.div_(n_positive.clamp_(min=1)), 0.0)
+        return torch.where(elected < 0, negative.div_(n_negative.clamp_(min=1)).neg_(), mean)
 
 
 @dataclass
@@ -298,40 +341,35 @@ class TiesMerge:
 def ties_merging(
     base: StateDict, loaders: Sequence[Loader], sparsifiers: Mapping[Hashable, Sparsifier]
 ) -> TiesMerge:
-    """TIES-merging (Yadav et al., 2023), streamed in two passes over the runs.
+    """TIES-merging (Yadav et al., 2023), streamed in one pass over the runs.
 
-    Pass 1: ``S = sum_i sparsify(tau_i)`` per sparsifier (``MagnitudeTrim(density)`` is TIES;
-    ``RandomDrop(p)`` is DARE-TIES), then the elected sign per entry (:func:`elect_signs`).
-    Pass 2: for each run the sparsified entries whose sign equals the elected one are summed
-    and counted; the merged vector is that sum over that count (0 where no run agrees).
-    Each loader is called exactly twice. Memory: ``theta_0``, one buffer per tensor, the
-    current run and, per sparsifier, one float sum (pass 1) or an int8 sign, a float sum of
-    the agreeing magnitudes and a float count (exact below 2**24 runs)."""
+    Per sparsifier (``MagnitudeTrim(density)`` is TIES; ``RandomDrop(p)`` is DARE-TIES) and
+    entry: the sign elected from ``S = sum_i sparsify(tau_i)`` (:func:`elect_signs`), and the
+    mean of the sparsified entries with that sign (0 where none has it). Both come from four
+    running sums (:class:`_SignedSums`): the entries agreeing with a positive sign are the
+    positive ones, whose sum and count are known without a second read. Each loader is called
+    once. Memory: ``theta_0``, two buffers per tensor, the current run and four float sums
+    per sparsifier (counts exact below 2**24 runs)."""
     _check_loaders(loaders)
     if not sparsifiers:
         raise ValueError("ties_merging needs at least one sparsifier (e.g. MagnitudeTrim(0.2))")
     ancestor = _Ancestor(base)
-    zeros = {k: torch.zeros_like(t) for k, t in ancestor.floats.items()}
-    sums = {name: {k: z.clone() for k, z in zeros.items()} for name in sparsifiers}
+    sums = {
+        name: {k: _SignedSums.like(t) for k, t in ancestor.floats.items()} for name in sparsifiers
+    }
+    signs = {k: torch.empty_like(t) for k, t in ancestor.floats.items()}
     for index, load in enumerate(loaders):
-        for key, tau in ancestor.task_vectors(load(), index):
+        taus = list(ancestor.task_vectors(load(), index))
+        for sparsify in sparsifiers.values():
+            if isinstance(sparsify, MagnitudeTrim):
+                sparsify.prepare(index, taus)
+        for key, tau in taus:
             for name, sparsify in sparsifiers.items():
-                sums[name][key].add_(sparsify(index, key, tau))
-    signs = {name: {k: elect_signs(s) for k, s in by_key.items()} for name, by_key in sums.items()}
-    del sums  # freed before the agreeing sums are allocated: one float per entry, not two
-    magnitudes = {name: {k: z.clone() for k, z in zeros.items()} for name in sparsifiers}
-    counts = {name: {k: z.clone() for k, z in zeros.items()} for name in sparsifiers}
-    for index, load in enumerate(loaders):
-        for key, tau in ancestor.task_vectors(load(), index):
-            for name, sparsify in sparsifiers.items():
-                agreeing = _agreeing_magnitudes(sparsify, index, key, tau, signs[name][key])
-                magnitudes[name][key].add_(agreeing)
-                counts[name][key].add_(agreeing.sign())
-    means = {  # the agreeing entries' mean: their summed magnitude, signed, over their count
-        name: {
-            k: m.mul_(signs[name][k]).div_(counts[name][k].clamp_(min=1)) for k, m in by_key.items()
-        }
-        for name, by_key in magnitudes.items()
+                sums[name][key].add(sparsify(index, key, tau), signs[key])
+    del signs
+    means = {
+        name: {key: by_key.pop(key).agreeing_mean() for key in list(by_key)}
+        for name, by_key in sums.items()
     }
     return TiesMerge(ancestor, means, len(loaders))
 
@@ -422,7 +460,7 @@ def fisher_average(
         raise ValueError(f"the Fisher floor must be a finite number > 0, got {floor!r}")
     numerators: dict[str, Tensor] = {}
     denominators: dict[str, Tensor | float] = {}
-    products: dict[str, Tensor] = {}
+    clamped: dict[str, Tensor] = {}
     meta: dict[str, Tensor] = {}
     fixed: dict[str, Tensor] = {}
     for index, (state, fisher) in enumerate(runs):
@@ -433,7 +471,7 @@ def fisher_average(
             fixed = {k: t.detach().clone() for k, t in state.items() if not t.is_floating_point()}
         else:
             _check_compatible(meta, state, where)
-        _add_fisher_weighted(numerators, denominators, products, state, fisher, floor, where)
+        _add_fisher_weighted(numerators, denominators, clamped, state, fisher, floor, where)
     if not meta:
         raise ValueError("no runs to average; pass at least one (state_dict, fisher) pair")
     out = {}
@@ -447,7 +485,7 @@ def fisher_average(
 def _add_fisher_weighted(
     numerators: dict[str, Tensor],
     denominators: dict[str, Tensor | float],
-    products: dict[str, Tensor],
+    clamped: dict[str, Tensor],
     state: StateDict,
     fisher: Mapping[str, Tensor],
     floor: float,
@@ -469,7 +507,11 @@ def _add_fisher_weighted(
                     f"the Fisher of {key!r} in {where} has shape {tuple(fisher[key].shape)}, "
                     f"the tensor {tuple(tensor.shape)}"
                 )
-            weight: Tensor | float = fisher[key].detach().to(value).clamp(min=floor)
+            if key not in clamped:  # one buffer per tensor for the clamped Fisher, reused
+                clamped[key] = torch.empty_like(value)
+            weight: Tensor | float = torch.clamp(
+                fisher[key].detach().to(value), min=floor, out=clamped[key]
+            )
         else:
             weight = 1.0
         if key not in numerators:
@@ -478,9 +520,6 @@ def _add_fisher_weighted(
         elif isinstance(weight, float):
             numerators[key].add_(value)
             denominators[key] = denominators[key] + weight
-        else:  # in place, the product in the numerator's buffer: no allocation per run
-            if key not in products:
-                products[key] = torch.empty_like(numerators[key])
-            product = products[key]
-            numerators[key].add_(torch.mul(value, weight, out=product))
+        else:  # in place: numerator += value * weight in one kernel, no allocation per run
+            numerators[key].addcmul_(value, weight)
             denominators[key].add_(weight)  # type: ignore[union-attr]

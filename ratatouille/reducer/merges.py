@@ -93,8 +93,8 @@ def build_ties(
     """TIES-merging (Yadav et al., "TIES-Merging: resolving interference when merging
     models", NeurIPS 2023): trim each task vector to its top-``density`` magnitudes, elect a
     sign per entry by summed magnitude, average the agreeing entries, scale by lambda; density
-    and lambda from ``ties_densities`` x ``ties_lambdas``. Inputs: the arm's runs, theta_0. Two
-    reads per run (whatever the grid)."""
+    and lambda from ``ties_densities`` x ``ties_lambdas``. Inputs: the arm's runs, theta_0. One
+    read per run (whatever the grid)."""
     merge = ties_merging(
         inputs.init_state, _loaders(runs), {d: MagnitudeTrim(d) for d in grid.ties_densities}
     )
@@ -114,7 +114,7 @@ def build_dare(
     (seeded by the experiment's seed, the run's index and the tensor's name), rescale the rest
     by ``1/(1-p)``, then ``dare_merge``: the average (``theta_0 + lambda * mean``) or TIES's sign
     election and agreeing mean; p and lambda from ``dare_drop_rates`` x ``dare_lambdas``.
-    Inputs: the arm's runs, theta_0. One read per run (two with TIES)."""
+    Inputs: the arm's runs, theta_0. One read per run (TIES too)."""
     seed, loaders = inputs.settings.seed, _loaders(runs)
     rates, lambdas = grid.dare_drop_rates, grid.dare_lambdas
     build: Callable[[float, float], State]
