@@ -159,21 +159,14 @@ def reduce_one_cell(
     ``featurizers`` and ``heads`` are read by key (object-store references under Ray): the task
     fetches phi_pt, the cell's w_lp and, when a curve needs them, the recycled pool entries."""
     with local_weights():
-        return _reduce_one_cell(config, cell, runs, featurizers, heads)
-
-
-def _reduce_one_cell(
-    config: ExperimentConfig,
-    cell: Cell,
-    runs: list[TargetRun],
-    featurizers: Mapping[str, StateDict],
-    heads: Mapping[str, StateDict],
-) -> CellReduction:
-    dataset, inputs = cell_reduce_inputs(config, cell, runs, featurizers, heads)
-    example = inputs.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
-    return CellReduction(
-        reduce_cell(inputs), _cell_inputs(config, dataset, cell), example, inputs.settings.device
-    )
+        dataset, inputs = cell_reduce_inputs(config, cell, runs, featurizers, heads)
+        example = inputs.id_val[0][0][0][None].numpy()  # a batch of one image (N, C, H, W)
+        return CellReduction(
+            reduce_cell(inputs),
+            _cell_inputs(config, dataset, cell),
+            example,
+            inputs.settings.device,
+        )
 
 
 def cell_reduce_inputs(
