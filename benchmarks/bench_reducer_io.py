@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from loopback_s3 import AWS_PROFILE_VARIABLES, free_port, start_moto
+from loopback_s3 import AWS_PROFILE_VARIABLES, free_port, loopback_filesystem, start_moto
 
 FIGURES = {"P14": "cpu"}
 GOAL = 1.1
@@ -97,7 +97,6 @@ def _counting_fs(inner):
 
 
 def p14(port: int) -> str:
-    import pyarrow.fs as pafs
     import torch
     from ray import tune
     from safetensors.torch import save
@@ -108,14 +107,7 @@ def p14(port: int) -> str:
     from reduce_sweep import build_sweep, hand_acc, make_inputs
 
     torch.set_num_threads(1)
-    s3 = pafs.S3FileSystem(
-        endpoint_override=f"127.0.0.1:{port}",
-        scheme="http",
-        access_key="testing",
-        secret_key="testing",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
+    s3 = loopback_filesystem(port)
     s3.create_dir(BUCKET)
     counted, handler = _counting_fs(s3)
     sweep = build_sweep()

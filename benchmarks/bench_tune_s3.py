@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from loopback_s3 import free_port, point_aws_at, start_moto
+from loopback_s3 import free_port, loopback_filesystem, point_aws_at, start_moto
 
 FIGURES = {"P15": "cpu"}  # benchmarks/run.py: the figures this script prints
 GOAL = 1.2
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(key, value)
     port = free_port()
     point_aws_at(port)  # before Ray starts: its workers inherit the environment
-    import pyarrow.fs as pafs
     import ray
 
     files = checkpoint_files(args.snapshot_mb)
@@ -268,14 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(log, "wb") as handle:
             server = start_moto(port, handle)
         try:
-            pafs.S3FileSystem(
-                endpoint_override=f"127.0.0.1:{port}",
-                scheme="http",
-                access_key="testing",
-                secret_key="testing",
-                region="us-east-1",
-                allow_bucket_creation=True,
-            ).create_dir(BUCKET)
+            loopback_filesystem(port).create_dir(BUCKET)
             ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
             sides = {"local": run_side(str(Path(root, "ray")), files, args)}
             before = requests_served(log)

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 
 #: AWS settings of the machine that would send an ``s3://`` URI elsewhere than the server.
 AWS_PROFILE_VARIABLES = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE")
@@ -36,6 +36,20 @@ def start_moto(port: int, log: int | IO[bytes] = subprocess.DEVNULL) -> subproce
         time.sleep(0.2)
     server.kill()
     raise RuntimeError("moto server did not start")
+
+
+def loopback_filesystem(port: int) -> Any:
+    """A pyarrow S3 filesystem on the server at ``port``, allowed to create buckets."""
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}",
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
 
 
 def point_aws_at(port: int) -> None:
