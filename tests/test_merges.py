@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ratatouille.merging.merges import (
+    _BLOCK,
     MagnitudeTrim,
     RandomDrop,
     dare,
@@ -16,6 +17,7 @@ from ratatouille.merging.merges import (
     model_stock,
     model_stock_ratio,
     task_arithmetic,
+    task_vector_sums,
     ties_merging,
 )
 from ratatouille.merging.soups import StateDictMismatchError
@@ -95,13 +97,20 @@ def test_dare_rescales_kept_entries_so_the_expectation_is_the_task_vector():
     tau = torch.full((200_000,), 2.0)
     dropped = RandomDrop(0.7, seed=3)(0, "w", tau)
     kept = dropped[dropped != 0]
-    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 / 0.3))  # 1 / (1 - p)
+    # 16-bit draws: p = 0.7 drops below round(0.7 * 65536) = 45875, so it keeps 19661 / 65536
+    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 * 65536 / 19661))
     assert kept.numel() / tau.numel() == pytest.approx(0.3, abs=0.005)
     assert float(dropped.mean()) == pytest.approx(2.0, rel=0.02)
     # over many seeds every entry's mean tends to its own value, sign included
     small = torch.tensor([1.0, -3.0, 0.5])
     mean = torch.stack([RandomDrop(0.5, seed=s)(0, "w", small) for s in range(4000)]).mean(0)
     torch.testing.assert_close(mean, small, atol=0.15, rtol=0.05)
+
+
+def test_dare_refuses_a_drop_rate_that_drops_everything_at_16_bits():
+    assert RandomDrop(0.99).rescale == 65536 / (65536 - 64881)
+    with pytest.raises(ValueError, match="DARE drop rate"):
+        RandomDrop(0.999995)  # rounds to 65536 of 65536 levels
 
 
 def test_dare_draws_are_seeded_per_run_and_tensor_and_nested_across_rates():
@@ -123,6 +132,33 @@ def test_dare_average_is_theta_0_plus_the_mean_of_the_rescaled_task_vectors():
     hand = (drop(0, "w", runs[0]["w"] - BASE["w"]) + drop(1, "w", runs[1]["w"] - BASE["w"])) / 2
     torch.testing.assert_close(merged["w"], BASE["w"] + hand)
     assert calls == [1, 1]
+
+
+def test_fused_dare_sums_equal_the_sparsifier_route_across_blocks_keys_and_rates():
+    """dare() fuses task vector, draw, mask and add per block of a tensor; the sums must be
+    those of task_vector_sums with RandomDrop sparsifiers (one draw per whole tensor)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"big": (2 * _BLOCK + 7,), "conv": (3, 5, 2, 2), "bias": (1,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    base["half"] = torch.randn(5, generator=g).to(torch.bfloat16)  # float32 accumulators
+    base["count"] = torch.tensor(3)
+    runs = [
+        {
+            k: (v + torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for _ in range(3)
+    ]
+    fused = dare(base, _counted(runs)[0], [0.0, 0.3, 0.6], seed=5)
+    route = task_vector_sums(
+        base, _counted(runs)[0], {p: RandomDrop(p, 5) for p in (0.0, 0.3, 0.6)}
+    )
+    for p in (0.0, 0.3, 0.6):
+        for key, merged in fused.mean(0.7, p).items():
+            torch.testing.assert_close(merged, route.mean(0.7, p)[key])
+    # p = 0 keeps every entry: the plain average of the task vectors
+    plain = task_arithmetic(base, _counted(runs)[0]).mean(0.7)
+    torch.testing.assert_close(fused.mean(0.7, 0.0)["big"], plain["big"])
 
 
 def test_dare_ties_keeps_the_same_random_mask_in_both_passes():
@@ -383,6 +419,7 @@ def test_reduce_merges_is_off_by_default_and_its_grids_are_checked():
     for bad, field in (
         ({"ties_densities": [0.0]}, "ties_densities"),
         ({"dare_drop_rates": [1.0]}, "dare_drop_rates"),
+        ({"dare_drop_rates": [0.999995]}, "dare_drop_rates"),  # 2**16 of 2**16 levels
         ({"methods": ["slerp"]}, "methods"),
         ({"lambdas": [1.0]}, "lambdas"),
     ):

@@ -292,8 +292,10 @@ class MergesConfig(_Section):
     @field_validator("dare_drop_rates")
     @classmethod
     def _drop_rates(cls, values: list[float]) -> list[float]:
-        if any(not 0.0 <= v < 1.0 for v in values):
-            raise ValueError(f"DARE drop rates are in [0, 1), got {values}")
+        # DARE draws 16-bit uniforms (merging.merges.DRAW_LEVELS): a rate that rounds to
+        # 2**16 levels would drop every entry
+        if any(not (0.0 <= v < 1.0 and round(v * 2**16) < 2**16) for v in values):
+            raise ValueError(f"DARE drop rates are in [0, 1 - 2**-17), got {values}")
         return values
 
 

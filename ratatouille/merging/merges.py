@@ -19,8 +19,9 @@ Methods, with what each computes per floating tensor:
 - TIES (Yadav et al., NeurIPS 2023): trim each ``tau_i`` to its largest ``density`` fraction
   of magnitudes, elect a sign per entry from the sum of the trimmed vectors, average the
   entries that agree with it, ``theta_0 + lambda * that mean``;
-- DARE (Yu et al., ICML 2024): drop each entry of ``tau_i`` with probability ``p`` (seeded),
-  rescale the rest by ``1 / (1 - p)``; then average (``theta_0 + lambda * mean``) or TIES;
+- DARE (Yu et al., ICML 2024): drop each entry of ``tau_i`` with probability ``p`` (seeded,
+  16-bit draws), rescale the rest by ``1 / (1 - p)``; then average (``theta_0 + lambda *
+  mean``) or TIES;
 - Model Stock (Jang et al., ECCV 2024): ``theta_0 + t * mean_i tau_i`` with
   ``t = k cos / (1 + (k - 1) cos)``, ``cos`` the mean pairwise cosine of the task vectors;
 - Fisher averaging (Matena & Raffel, NeurIPS 2022): ``sum_i F_i theta_i / sum_i F_i`` with the
@@ -103,8 +104,8 @@ _pools: dict[int, ThreadPoolExecutor] = {}  # by thread count, which torch's set
 
 
 def _thread_pool() -> ThreadPoolExecutor:
-    """Threads for TIES's selections, as many as torch's: numpy's partition releases the GIL,
-    but runs each call on one core."""
+    """Threads for TIES's selections and DARE's fused steps, as many as torch's: numpy
+    releases the GIL, but runs each call on one core."""
     threads = torch.get_num_threads()
     if threads not in _pools:
         _pools[threads] = ThreadPoolExecutor(threads, "merges")
@@ -177,32 +178,66 @@ def kth_largest_magnitude(tau: Tensor, density: float) -> float:
     return float(magnitudes[at])
 
 
-def _seed_of(seed: int, index: int, key: str) -> int:
+#: DARE's draws are 16-bit uniforms: a drop rate p is used as ``round(p * 2**16) / 2**16``
+#: (within 8e-6 of it) and the kept entries are rescaled by that rate's exact ``1 / (1 - p)``.
+DRAW_LEVELS = 2**16
+
+
+def drop_level(p: float) -> int:
+    """The 16-bit draws below which an entry is dropped at rate ``p``."""
+    return round(p * DRAW_LEVELS)
+
+
+def _draw_stream(seed: int, index: int, key: str) -> np.random.SFC64:
+    """The bit stream of run ``index``'s tensor ``key``: numpy's SFC64 gives 64 random bits per
+    step several times faster than torch's CPU generator gives one float (bench P17)."""
     digest = hashlib.sha256(f"dare/{seed}/{index}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return np.random.SFC64(np.random.SeedSequence(np.frombuffer(digest, np.uint32)))
+
+
+def _next_uniforms(stream: np.random.SFC64, n: int) -> np.ndarray:
+    """The stream's next ``n`` 16-bit uniforms (four per 64-bit word; ``n`` a multiple of 4
+    except at a tensor's end, so blocks of a tensor draw what one call would)."""
+    return stream.random_raw((n + 3) // 4).view(np.uint16)[:n]
 
 
 @dataclass(frozen=True)
 class RandomDrop:
     """DARE: drop each entry of ``tau`` with probability ``p``, rescale the kept ones by
-    ``1 / (1 - p)`` (so the expectation is ``tau``). The draw of run ``index``'s tensor ``key``
-    is a pure function of ``(seed, index, key)``: a second pass draws the same mask, and masks
-    for two ``p`` are nested (one uniform draw per entry, dropped where it is below ``p``)."""
+    ``1 / (1 - p)`` (so the expectation is ``tau``); ``p`` at 16-bit resolution
+    (:data:`DRAW_LEVELS`). The draw of run ``index``'s tensor ``key`` is a pure function of
+    ``(seed, index, key)``: a second pass draws the same mask, and masks for two ``p`` are
+    nested (one uniform draw per entry, dropped where it is below ``p``)."""
 
     p: float
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"a DARE drop rate is in [0, 1), got {self.p!r}")
+        if not (0.0 <= self.p < 1.0 and drop_level(self.p) < DRAW_LEVELS):
+            raise ValueError(
+                f"a DARE drop rate is in [0, 1 - 2**-17) (16-bit draws), got {self.p!r}"
+            )
+
+    @property
+    def level(self) -> int:
+        return drop_level(self.p)
+
+    @property
+    def rescale(self) -> float:
+        """``1 / (1 - p)`` for the ``p`` the draws realize."""
+        return DRAW_LEVELS / (DRAW_LEVELS - self.level)
+
+    def keep(self, index: int, key: str, n: int) -> np.ndarray:
+        """The kept entries of run ``index``'s ``key`` (``n`` of them, flattened), bool."""
+        return _next_uniforms(_draw_stream(self.seed, index, key), n) >= self.level
 
     def __call__(self, index: int, key: str, tau: Tensor) -> Tensor:
-        if self.p == 0.0:
+        if self.level == 0:
             return tau
-        generator = torch.Generator().manual_seed(_seed_of(self.seed, index, key))
-        draw = torch.rand(tau.shape, generator=generator).to(tau.device)
-        # in place on the mask: 1 where kept, times tau / (1 - p), as where(kept, ...) would be
-        return draw.ge_(self.p).to(tau.dtype).mul_(tau).div_(1.0 - self.p)
+        flat = tau.detach().reshape(-1).cpu().numpy()
+        kept = np.multiply(flat, self.keep(index, key, flat.size))
+        kept *= kept.dtype.type(self.rescale)
+        return torch.from_numpy(kept).reshape(tau.shape).to(tau.device)
 
 
 Sparsifier = Callable[[int, str, Tensor], Tensor]
@@ -217,15 +252,19 @@ def _identity(index: int, key: str, tau: Tensor) -> Tensor:
 
 @dataclass
 class TaskVectorSums:
-    """``sum_i sparsify(tau_i)`` per sparsifier, from one read of each run."""
+    """``sum_i sparsify(tau_i)`` per sparsifier, from one read of each run; a sum in
+    ``scales`` is still to be multiplied by its scale (DARE's ``1 / (1 - p)``, applied once
+    here rather than to every entry of every run)."""
 
     ancestor: _Ancestor
     sums: dict[Hashable, dict[str, Tensor]]
     n_models: int
+    scales: Mapping[Hashable, float] = field(default_factory=dict)
 
     def task_arithmetic(self, lam: float, name: Hashable = None) -> dict[str, Tensor]:
         """``theta_0 + lam * sum_i tau_i`` (Ilharco et al.)."""
-        return self.ancestor.plus({k: lam * s for k, s in self.sums[name].items()})
+        scale = lam * self.scales.get(name, 1.0)
+        return self.ancestor.plus({k: scale * s for k, s in self.sums[name].items()})
 
     def mean(self, lam: float, name: Hashable = None) -> dict[str, Tensor]:
         """``theta_0 + lam * mean_i tau_i``: with DARE sparsifiers, DARE then averaging."""
@@ -272,8 +311,79 @@ def task_arithmetic(base: StateDict, loaders: Sequence[Loader]) -> TaskVectorSum
 def dare(
     base: StateDict, loaders: Sequence[Loader], rates: Sequence[float], seed: int = 0
 ) -> TaskVectorSums:
-    """DARE then averaging (Yu et al., 2024): ``.mean(lam, p)`` for each ``p`` of ``rates``."""
-    return task_vector_sums(base, loaders, {p: RandomDrop(p, seed) for p in rates})
+    """DARE then averaging (Yu et al., 2024): ``.mean(lam, p)`` for each ``p`` of ``rates``.
+
+    The sums of :func:`task_vector_sums` with ``RandomDrop(p, seed)`` sparsifiers, computed
+    in one fused step per cache-sized block of each tensor (task vector, draw, mask, add) on
+    torch's number of threads, a tensor per thread at a time, without a mask or a rescaled
+    copy per tensor. The masks are ``RandomDrop``'s; the rescale is applied once, to the sums.
+    With numpy's bits instead of torch's generator, DARE at M = 40 took 3.4 s, now 1.2 s
+    (bench P17)."""
+    _check_loaders(loaders)
+    drops: dict[Hashable, RandomDrop] = {p: RandomDrop(p, seed) for p in rates}
+    ancestor = _Ancestor(base)
+    sums: dict[Hashable, dict[str, Tensor]] = {
+        p: {k: torch.zeros_like(t) for k, t in ancestor.floats.items()} for p in drops
+    }
+    shares = _balanced_shares({k: t.numel() for k, t in ancestor.floats.items()})
+    for index, load in enumerate(loaders):
+        state = load()
+        ancestor.check(state, index)
+        step = _DropAndAdd(index, seed, state, ancestor.floats, drops, sums)
+        for _ in _thread_pool().map(step, shares):  # re-raises a worker's error
+            pass
+        del state, step
+    return TaskVectorSums(ancestor, sums, len(loaders), {p: d.rescale for p, d in drops.items()})
+
+
+#: entries per block of the fused DARE step: a few blocks of float32 stay in a core's cache.
+#: A multiple of 4, so that a tensor's blocks draw what one draw of the tensor would.
+_BLOCK = 1 << 16
+
+
+def _balanced_shares(sizes: Mapping[str, int]) -> list[list[str]]:
+    """The keys split into torch's number of threads shares of about equal total size
+    (largest first, each to the lightest share)."""
+    count = max(1, torch.get_num_threads())
+    shares: list[list[str]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(key)
+        loads[lightest] += sizes[key]
+    return [share for share in shares if share]
+
+
+@dataclass(frozen=True)
+class _DropAndAdd:
+    """One run's DARE step over a share of its tensors: per block, ``sum_p += (x - theta_0) *
+    kept_p``, in numpy (which releases the GIL) so that shares run in parallel."""
+
+    index: int
+    seed: int
+    state: StateDict
+    floats: Mapping[str, Tensor]
+    drops: Mapping[Hashable, RandomDrop]
+    sums: Mapping[Hashable, Mapping[str, Tensor]]
+
+    def __call__(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            base = self.floats[key].reshape(-1).numpy()
+            run = self.state[key].detach().reshape(-1).to(self.floats[key].dtype).cpu().numpy()
+            totals = [(d.level, self.sums[p][key].view(-1).numpy()) for p, d in self.drops.items()]
+            stream = _draw_stream(self.seed, self.index, key)
+            tau, kept = (np.empty(min(_BLOCK, base.size), base.dtype) for _ in range(2))
+            keep = np.empty(tau.size, bool)
+            for lo in range(0, base.size, _BLOCK):
+                hi = min(lo + _BLOCK, base.size)
+                block = np.subtract(run[lo:hi], base[lo:hi], out=tau[: hi - lo])
+                uniforms = _next_uniforms(stream, hi - lo)
+                for level, total in totals:
+                    if level == 0:
+                        total[lo:hi] += block
+                        continue
+                    mask = np.greater_equal(uniforms, level, out=keep[: hi - lo])
+                    total[lo:hi] += np.multiply(block, mask, out=kept[: hi - lo])
 
 
 # -- TIES: one pass ----------------------------------------------------------------------------
