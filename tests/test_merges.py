@@ -161,7 +161,7 @@ def test_fused_dare_sums_equal_the_sparsifier_route_across_blocks_keys_and_rates
     torch.testing.assert_close(fused.mean(0.7, 0.0)["big"], plain["big"])
 
 
-def test_dare_ties_keeps_the_same_random_mask_in_both_passes():
+def test_dare_ties_elects_signs_over_the_randomly_dropped_task_vectors():
     runs = _runs(BASE, [[1.0, 2.0, 3.0, 4.0], [-1.0, 5.0, -2.0, 2.0], [2.0, -1.0, 1.0, -3.0]])
     drop = RandomDrop(0.5, seed=4)
     kept = [drop(i, "w", r["w"] - BASE["w"]) for i, r in enumerate(runs)]
