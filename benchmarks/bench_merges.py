@@ -12,6 +12,10 @@ run, since estimating one needs data and is not what is measured here):
   of M. Linux only.
 - time at M = 40 vs the time to only read the bytes of the same M files once (page cache warm),
   in one process. Goal <= 3x (set when TIES read every file twice; it now reads each once).
+- two floors, in the same terms, timed in the TIES child: loading each run as the merges do and
+  reading each floating entry once (a sum per tensor), the least any method that reads every
+  entry pays; and TIES's exact per-tensor selection of the k-th magnitudes alone
+  (``MagnitudeTrim.prepare``, the task vectors made untimed), which TIES pays on top of it.
 
     python benchmarks/bench_merges.py [--quick] [--arch resnet50] [--models 40]
 """
@@ -59,6 +63,20 @@ def merge(base):
     pairs = ((s, {k: v.abs() for k, v in s.items() if v.is_floating_point()})
              for s in (load() for load in loaders))
     return merges.fisher_average(pairs)
+def floors(base):  # in the TIES child only: see the module's docstring
+    if method != "ties":
+        return {}
+    t0 = time.perf_counter()
+    for load in loaders:
+        for tensor in load().values():
+            if tensor.is_floating_point():
+                tensor.sum()
+    touch_s = time.perf_counter() - t0
+    ancestor, trim, select_s = merges._Ancestor(base), merges.MagnitudeTrim(0.2), 0.0
+    for index, load in enumerate(loaders):
+        taus = list(ancestor.task_vectors(load(), index))
+        t0 = time.perf_counter(); trim.prepare(index, taus); select_s += time.perf_counter() - t0
+    return {"touch_s": touch_s, "select_s": select_s}
 base = load_file(str(folder / "base.safetensors"))
 if task == "memory":
     with open("/proc/self/clear_refs", "w") as f:
@@ -69,7 +87,7 @@ else:
     read_only()  # warm the page cache for both routes
     t0 = time.perf_counter(); read_only(); read_s = time.perf_counter() - t0
     t0 = time.perf_counter(); merge(base); merge_s = time.perf_counter() - t0
-    print(json.dumps({"read_s": read_s, "merge_s": merge_s}))
+    print(json.dumps({"read_s": read_s, "merge_s": merge_s, **floors(base)}))
 """
 
 
@@ -113,7 +131,7 @@ def main() -> None:
     import torch
 
     small = 5
-    parts, worst_memory, worst_time = [], 0.0, 0.0
+    parts, worst_memory, worst_time, floors = [], 0.0, 0.0, ""
     with tempfile.TemporaryDirectory(prefix="bench_merges_") as tmp:
         folder = Path(tmp)
         size = write_states(folder, args.arch, args.models)
@@ -123,6 +141,12 @@ def main() -> None:
             little = child(folder, small, method, "memory")["peak_mib"]
             times = child(folder, args.models, method, "time")
             memory, slowdown = big / little, times["merge_s"] / times["read_s"]
+            if "touch_s" in times:
+                touch, select = (times[k] / times["read_s"] for k in ("touch_s", "select_s"))
+                floors = (
+                    f"; floors: load and one read of every entry {touch:.1f}x, "
+                    f"TIES's per-tensor selection alone {select:.1f}x"
+                )
             worst_memory, worst_time = max(worst_memory, memory), max(worst_time, slowdown)
             parts.append(
                 f"{method} {memory:.2f}x (+{big:.0f} vs +{little:.0f} MiB), "
@@ -133,7 +157,8 @@ def main() -> None:
     print(
         f"P17 streamed merges, peak memory M={args.models} vs M={small} (worst "
         f"{worst_memory:.2f}x) and time vs only reading the M files once (worst "
-        f"{worst_time:.1f}x): {'; '.join(parts)}; VmHWM, one {args.arch} file = {size:.0f} MiB, "
+        f"{worst_time:.1f}x): {'; '.join(parts)}{floors}; VmHWM, one {args.arch} file = "
+        f"{size:.0f} MiB, "
         f"{torch.get_num_threads()} torch threads; goals <= {MEMORY_GOAL}x and "
         f"<= {TIME_GOAL:g}x: {verdict}"
     )
