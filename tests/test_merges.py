@@ -14,6 +14,7 @@ from ratatouille.merging.merges import (
     dare,
     elect_signs,
     fisher_average,
+    kth_largest_magnitudes,
     model_stock,
     model_stock_ratio,
     task_arithmetic,
@@ -67,6 +68,31 @@ def test_magnitude_trim_keeps_every_entry_tied_with_the_kth_largest():
     assert MagnitudeTrim(1.0)(0, "w", tau).tolist() == tau.tolist()
     with pytest.raises(ValueError, match="density"):
         MagnitudeTrim(0.0)
+
+
+def test_kth_magnitudes_of_several_densities_come_from_one_selection():
+    tau = torch.tensor([4.0, -1.0, 2.0, -2.0, 3.0, -3.0, 0.5, 3.0])
+    # by hand: magnitudes sorted 4, 3, 3, 3, 2, 2, 1, 0.5; k = ceil(density * 8)
+    densities = [0.1, 0.25, 0.5, 0.75, 1.0, 0.5]
+    assert kth_largest_magnitudes(tau, densities) == [4.0, 3.0, 3.0, 2.0, 0.5, 3.0]
+    # and against torch's top-k, an independent route, on a tensor with many ties
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randint(-50, 51, (10_001,), generator=g).float() / 8
+    grid = [0.01, 0.1, 0.2, 0.5, 0.9]
+    expected = [float(wide.abs().topk(math.ceil(d * wide.numel())).values[-1]) for d in grid]
+    assert kth_largest_magnitudes(wide, grid) == expected
+
+
+def test_ties_over_a_grid_of_densities_equals_one_merge_per_density():
+    g = torch.Generator().manual_seed(11)
+    base = {"a": torch.randn(300, generator=g), "b": torch.randn(7, 5, generator=g)}
+    runs = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(4)]
+    grid = [0.1, 0.3, 0.5, 1.0]
+    together = ties_merging(base, _counted(runs)[0], {d: MagnitudeTrim(d) for d in grid})
+    for d in grid:
+        alone = ties_merging(base, _counted(runs)[0], {d: MagnitudeTrim(d)})
+        for key, merged in together.merge(d, 1.0).items():
+            assert torch.equal(merged, alone.merge(d, 1.0)[key]), (d, key)
 
 
 def test_ties_trims_elects_signs_and_averages_only_the_agreeing_entries():
