@@ -160,14 +160,10 @@ class MagnitudeTrim:
             return
         densities = [trim.density for trim in active]
         pending = [(key, tau) for key, tau in taus if tau.numel()]
-        selected = dict(
-            zip(
-                [key for key, _ in pending],
-                _thread_pool().map(
-                    lambda item: kth_largest_magnitudes(item[1], densities), pending
-                ),
-            )
+        per_tensor = _thread_pool().map(
+            lambda item: kth_largest_magnitudes(item[1], densities), pending
         )
+        selected = {key: kths for (key, _), kths in zip(pending, per_tensor)}
         for position, trim in enumerate(active):
             trim._run = index
             trim._kth = {key: kths[position] for key, kths in selected.items()}
@@ -498,11 +494,9 @@ def ties_merging(
         name: {k: _SignedSums.like(t) for k, t in ancestor.floats.items()} for name in sparsifiers
     }
     signs = {k: torch.empty_like(t) for k, t in ancestor.floats.items()}
+    trims = [sparsify for sparsify in sparsifiers.values() if isinstance(sparsify, MagnitudeTrim)]
     for index, load in enumerate(loaders):
         taus = list(ancestor.task_vectors(load(), index))
-        trims = [
-            sparsify for sparsify in sparsifiers.values() if isinstance(sparsify, MagnitudeTrim)
-        ]
         MagnitudeTrim.prepare_all(trims, index, taus)
         for key, tau in taus:
             for name, sparsify in sparsifiers.items():
